@@ -1,0 +1,19 @@
+"""Fused Triton kernels for LoRA linear layers (knows nothing of CLIP).
+
+``lora_linear`` is the fused op (Triton on CUDA, the same math in PyTorch on CPU);
+``plain_lora_linear`` and ``official_style_lora_linear`` are the unfused baselines.
+"""
+
+from .dropout import dropout_mask
+from .lora_linear import MAX_RANK, MAX_SLOTS, draw_seed, lora_linear
+from .plain import official_style_lora_linear, plain_lora_linear
+
+__all__ = [
+    "MAX_RANK",
+    "MAX_SLOTS",
+    "draw_seed",
+    "dropout_mask",
+    "lora_linear",
+    "official_style_lora_linear",
+    "plain_lora_linear",
+]

@@ -1,0 +1,682 @@
+"""Fused LoRA linear layer: ``Y = X Wᵀ + b + scale · (drop(X) Aᵀ) Bᵀ`` and its backward.
+
+The N output columns are split into S *slots* (S = 1 for a plain projection, S = 3 for
+CLIP's packed q/k/v ``in_proj_weight``).  Each slot ``s`` owns the column range
+``[off_s, off_s + N_s)`` and an optional rank-R adapter ``A_s [R, K]``, ``B_s [N_s, R]``
+whose input goes through its own dropout mask ``mask_s`` (see :mod:`.dropout`).
+Packed, the adapters are ``A_cat [S·R, K]`` (slot s in rows ``s·R … s·R+R``) and
+``B_cat [N, R]`` (slot s in rows ``off_s … off_s+N_s``); a slot with no adapter has zero
+rows in both and its mask is never generated.
+
+Math (per slot s, with ``keep = 1 / (1 - p)``)::
+
+    H_s  = keep · (mask_s ⊙ X) A_sᵀ                      [M, R]   (fp32, saved)
+    Y_s  = X W_sᵀ + b_s + scale · H_s B_sᵀ
+    dH_s = scale · dY_s B_s
+    dB_s = scale · dY_sᵀ H_s
+    dA_s = keep · dH_sᵀ (mask_s ⊙ X)
+    dX   = dY W + keep · Σ_s mask_s ⊙ (dH_s A_s)
+
+Passes over the big tensors (X, W, Y, dY, dX); everything else is M×S·R or smaller:
+
+    forward   shrink kernel   reads X once                       -> H [M, S·R]
+              GEMM kernel     reads X and W (tiled, as any GEMM), writes Y once;
+                              the epilogue adds scale·H Bᵀ and the bias.
+    backward  one kernel      reads dY and W (tiled, as any GEMM), reads X once,
+                              writes dX once.  Its N loop also accumulates dH
+                              (recomputed per K-tile: a 16-wide dot, no extra memory)
+                              and, spread over the K-tiles, the dB partials; the
+                              epilogue regenerates each slot's mask on its X tile and
+                              adds the masked dH·A term to dX and the dA partials.
+              reductions      dA, dB partials [M/BLOCK_M, …] summed in a fixed order.
+
+    X: 2 reads forward + 1 read backward.  Y: 1 write.  dY: read once per K-tile (the
+    GEMM's own re-reads).  dX: 1 write.  Nothing mask-sized is stored; the saved
+    tensors are X, H and the seed.
+
+File ladder: plain PyTorch implementation (the CPU path), Triton kernels, host
+launchers, ``torch.library`` custom ops with autograd, keyword-only entry point.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._interpreter import patch_bf16_dot
+from .dropout import SEED_MAX, dropout_mask, keep_mask_tile, keep_threshold, slot_row_hash
+
+MAX_SLOTS = 4
+MAX_RANK = 64
+BACKEND_ENV = "CLIP_LORA_BACKEND"  # "triton" forces the kernels, "torch" the plain path
+
+# =============================================================================
+# 1. Plain PyTorch implementation of the same math (the CPU path)
+# =============================================================================
+
+
+def _slot_ranges(slot_bounds: Sequence[int]) -> list[tuple[int, int]]:
+    starts = [0, *slot_bounds[:-1]]
+    return list(zip(starts, slot_bounds))
+
+
+def _torch_masks(seed, M, K, num_slots, adapted, p, device):
+    if p == 0.0:
+        return [None] * num_slots
+    return [
+        dropout_mask(seed, s, M, K, p, device=device) if (adapted >> s) & 1 else None
+        for s in range(num_slots)
+    ]
+
+
+def _torch_forward(x, weight, bias, lora_a, lora_b, seed, slot_bounds, adapted, scale, p):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    M, K = x.shape
+    R = lora_b.shape[1]
+    xf = x.to(acc)
+    y = xf @ weight.to(acc).t()
+    if bias is not None:
+        y = y + bias.to(acc)
+    h = torch.zeros(M, len(slot_bounds) * R, dtype=acc, device=x.device)
+    masks = _torch_masks(seed, M, K, len(slot_bounds), adapted, p, x.device)
+    keep = 1.0 / (1.0 - p)
+    for s, (lo, hi) in enumerate(_slot_ranges(slot_bounds)):
+        if not (adapted >> s) & 1:
+            continue
+        a_s = lora_a[s * R : (s + 1) * R].to(acc)
+        xs = xf if masks[s] is None else xf * masks[s] * keep
+        h[:, s * R : (s + 1) * R] = xs @ a_s.t()
+        y[:, lo:hi] += scale * (h[:, s * R : (s + 1) * R] @ lora_b[lo:hi].to(acc).t())
+    return y.to(x.dtype), h
+
+
+def _torch_backward(dy, x, weight, h, lora_a, lora_b, seed, slot_bounds, adapted, scale, p):
+    acc = h.dtype
+    M, K = x.shape
+    R = lora_b.shape[1]
+    dyf, xf = dy.to(acc), x.to(acc)
+    dx = dyf @ weight.to(acc)
+    da = torch.zeros(lora_a.shape, dtype=acc, device=x.device)
+    db = torch.zeros(lora_b.shape, dtype=acc, device=x.device)
+    masks = _torch_masks(seed, M, K, len(slot_bounds), adapted, p, x.device)
+    keep = 1.0 / (1.0 - p)
+    for s, (lo, hi) in enumerate(_slot_ranges(slot_bounds)):
+        if not (adapted >> s) & 1:
+            continue
+        dh = scale * (dyf[:, lo:hi] @ lora_b[lo:hi].to(acc))
+        db[lo:hi] = scale * (dyf[:, lo:hi].t() @ h[:, s * R : (s + 1) * R])
+        up = dh @ lora_a[s * R : (s + 1) * R].to(acc)
+        xs = xf
+        if masks[s] is not None:
+            up, xs = up * masks[s] * keep, xf * masks[s] * keep
+        dx += up
+        da[s * R : (s + 1) * R] = dh.t() @ xs
+    return dx.to(x.dtype), da.to(lora_a.dtype), db.to(lora_b.dtype)
+
+
+# =============================================================================
+# 2. Triton kernels
+# =============================================================================
+
+
+@triton.jit
+def _slot_of(offs_n, bound1, bound2, bound3):
+    # Slot index of each output column; unused bounds are N, so they never count.
+    return (offs_n >= bound1).to(tl.int32) + (offs_n >= bound2).to(tl.int32) + (
+        offs_n >= bound3
+    ).to(tl.int32)
+
+
+@triton.jit
+def _tile_ids(M, N_OUT, BLOCK_M: tl.constexpr, BLOCK_OUT: tl.constexpr, GROUP_M: tl.constexpr):
+    # Grouped ordering (Triton tutorial 03): neighbouring programs share row tiles in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N_OUT, BLOCK_OUT)
+    group = GROUP_M * num_pid_n
+    first_m = (pid // group) * GROUP_M
+    group_m = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % group_m
+    pid_n = (pid % group) // group_m
+    return pid_m, pid_n, num_pid_n
+
+
+@triton.jit
+def _lora_shrink_kernel(
+    x_ptr, a_ptr, h_ptr, seed_ptr,
+    M, K, R, num_slots, adapted, threshold, keep_scale,
+    stride_xm, stride_xk, stride_am, stride_ak,
+    HAS_DROPOUT: tl.constexpr, SR_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """H[M, S·R] = keep · Σ_s (mask_s ⊙ X) A_sᵀ, reading each X tile once for all slots."""
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_i = tl.arange(0, SR_PAD)  # adapter column s·R + j; SR_PAD >= 16 for tensor-core dots
+    m_ok = offs_m < M
+    SR = num_slots * R
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+    acc = tl.zeros((BLOCK_M, SR_PAD), dtype=tl.float32)
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr).to(tl.uint32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        a_ptrs = a_ptr + offs_i[None, :] * stride_am + offs_k[:, None] * stride_ak  # A_catᵀ tile
+        if HAS_DROPOUT:
+            for s in range(num_slots):
+                if (adapted >> s) & 1:
+                    in_slot = (offs_i >= s * R) & (offs_i < s * R + R)
+                    a = tl.load(a_ptrs, mask=k_ok[:, None] & in_slot[None, :], other=0.0)
+                    keep = keep_mask_tile(slot_row_hash(seed, s, offs_m), offs_k, threshold)
+                    xs = tl.where(keep, x, 0.0)
+                    acc += tl.dot(xs, a.to(x.dtype), input_precision=DOT_PRECISION)
+        else:
+            a = tl.load(a_ptrs, mask=k_ok[:, None] & (offs_i < SR)[None, :], other=0.0)
+            acc += tl.dot(x, a.to(x.dtype), input_precision=DOT_PRECISION)
+    if HAS_DROPOUT:
+        acc *= keep_scale
+    h_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * SR + offs_i[None, :]
+    tl.store(h_ptrs, acc, mask=m_ok[:, None] & (offs_i < SR)[None, :])
+
+
+@triton.jit
+def _lora_forward_kernel(
+    x_ptr, w_ptr, bias_ptr, h_ptr, b_ptr, y_ptr,
+    M, N, K, R, SR, bound1, bound2, bound3, scale,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_bn, stride_br, stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr, SR_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Y = X Wᵀ, with scale·H Bᵀ and the bias added in the epilogue (Y written once)."""
+    pid_m, pid_n, _ = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+    w_cols = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_cols + offs_k[:, None] * stride_wk, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc += tl.dot(x, w, input_precision=DOT_PRECISION)
+
+    # Epilogue: one extra dot of depth SR_PAD.  B is expanded block-diagonally on the
+    # fly: column n only sees the R adapter columns of its own slot.
+    offs_i = tl.arange(0, SR_PAD)
+    h = tl.load(
+        h_ptr + offs_m[:, None].to(tl.int64) * SR + offs_i[None, :],
+        mask=m_ok[:, None] & (offs_i < SR)[None, :],
+        other=0.0,
+    )
+    slot_n = _slot_of(offs_n, bound1, bound2, bound3)
+    sel = ((offs_i[:, None] // R) == slot_n[None, :]) & (offs_i < SR)[:, None] & n_ok[None, :]
+    b = tl.load(b_ptr + offs_n[None, :] * stride_bn + (offs_i % R)[:, None] * stride_br, mask=sel, other=0.0)
+    # fp32 operands (tf32 tensor cores for half inputs): H and B keep 10 mantissa bits
+    # instead of bf16's 7, at no visible cost for a 16-deep dot.
+    acc += tl.dot(h * scale, b.to(tl.float32), input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _lora_backward_kernel(
+    dy_ptr, w_ptr, x_ptr, h_ptr, a_ptr, b_ptr, seed_ptr, dx_ptr, da_part_ptr, db_part_ptr,
+    M, N, K, R, num_slots, adapted, bound1, bound2, bound3, scale, threshold, keep_scale,
+    stride_dym, stride_dyn, stride_wn, stride_wk, stride_xm, stride_xk,
+    stride_am, stride_ak, stride_bn, stride_br, stride_dxm, stride_dxk,
+    HAS_DROPOUT: tl.constexpr, SR_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """dX = dY W + keep·Σ_s mask_s ⊙ (dH_s A_s), plus dH, dA and dB partials, in one pass.
+
+    Program (pid_m, pid_k) owns the dX tile [BLOCK_M, BLOCK_K].  Its loop over N
+    (the reduction) also accumulates dH for its rows; N-tile t's dB partial for these
+    rows is computed by the one program with pid_k == t % num_pid_k, so the dB work is
+    spread evenly and each partial is written exactly once (no atomics).
+    """
+    pid_m, pid_k, num_pid_k = _tile_ids(M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    dt = x_ptr.dtype.element_ty
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_i = tl.arange(0, SR_PAD)
+    m_ok = offs_m < M
+    k_ok = offs_k < K
+    SR = num_slots * R
+    i_ok = offs_i < SR
+    h = tl.load(
+        h_ptr + offs_m[:, None].to(tl.int64) * SR + offs_i[None, :],
+        mask=m_ok[:, None] & i_ok[None, :],
+        other=0.0,
+    ).to(dt)
+    dy_rows = dy_ptr + offs_m[:, None].to(tl.int64) * stride_dym
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    dh = tl.zeros((BLOCK_M, SR_PAD), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        dy = tl.load(dy_rows + offs_n[None, :] * stride_dyn, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        w = tl.load(
+            w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :] * stride_wk,
+            mask=n_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        acc += tl.dot(dy, w, input_precision=DOT_PRECISION)
+        slot_n = _slot_of(offs_n, bound1, bound2, bound3)
+        sel = ((offs_i[None, :] // R) == slot_n[:, None]) & i_ok[None, :] & n_ok[:, None]
+        b_off = offs_n[:, None] * stride_bn + (offs_i % R)[None, :] * stride_br
+        b = tl.load(b_ptr + b_off, mask=sel, other=0.0)  # block-diagonal B, [BLOCK_N, SR_PAD]
+        dh += tl.dot(dy, b.to(dt), input_precision=DOT_PRECISION)
+        if (n0 // BLOCK_N) % num_pid_k == pid_k:
+            db = tl.dot(tl.trans(dy), h, input_precision=DOT_PRECISION) * scale
+            db_off = pid_m.to(tl.int64) * N * R + offs_n[:, None] * R + (offs_i % R)[None, :]
+            tl.store(db_part_ptr + db_off, db, mask=sel)
+    dh = dh * scale
+    dh_lo = dh.to(dt)  # operand of the dA dot, whose other side is the X tile
+
+    # Epilogue: the X tile is read once; each adapted slot regenerates its mask on it.
+    x = tl.load(
+        x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk,
+        mask=m_ok[:, None] & k_ok[None, :],
+        other=0.0,
+    )
+    a_ptrs = a_ptr + offs_i[:, None] * stride_am + offs_k[None, :] * stride_ak
+    da_ptrs = da_part_ptr + pid_m.to(tl.int64) * SR * K + offs_i[:, None] * K + offs_k[None, :]
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr).to(tl.uint32)
+        for s in range(num_slots):
+            if (adapted >> s) & 1:
+                in_slot = (offs_i >= s * R) & (offs_i < s * R + R)
+                a = tl.load(a_ptrs, mask=in_slot[:, None] & k_ok[None, :], other=0.0)
+                keep = keep_mask_tile(slot_row_hash(seed, s, offs_m), offs_k, threshold)
+                up = tl.dot(dh, a.to(tl.float32), input_precision=DOT_PRECISION)
+                acc += tl.where(keep, up, 0.0) * keep_scale
+                da = tl.dot(tl.trans(dh_lo), tl.where(keep, x, 0.0), input_precision=DOT_PRECISION)
+                tl.store(da_ptrs, da * keep_scale, mask=in_slot[:, None] & k_ok[None, :])
+    else:
+        a = tl.load(a_ptrs, mask=i_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += tl.dot(dh, a.to(tl.float32), input_precision=DOT_PRECISION)
+        da = tl.dot(tl.trans(dh_lo), x, input_precision=DOT_PRECISION)
+        tl.store(da_ptrs, da, mask=i_ok[:, None] & k_ok[None, :])
+    dx_ptrs = dx_ptr + offs_m[:, None].to(tl.int64) * stride_dxm + offs_k[None, :] * stride_dxk
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
+
+
+# =============================================================================
+# 3. Host launchers: configuration, allocation, launch
+# =============================================================================
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int
+    block_n: int  # the output tile width (forward) or the N reduction step (backward)
+    block_k: int
+    num_warps: int
+    num_stages: int
+    group_m: int = 8
+
+
+KERNELS = ("shrink", "forward", "backward")
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def sr_pad(num_slots: int, rank: int) -> int:
+    """Adapter width padded to a power of two >= 16: tensor-core dots need K >= 16."""
+    return max(16, triton.next_power_of_2(num_slots * rank))
+
+
+def all_sr_pads() -> list[int]:
+    return sorted({sr_pad(s, r) for s in range(1, MAX_SLOTS + 1) for r in range(1, MAX_RANK + 1)})
+
+
+def tile_config(kernel: str, dtype: torch.dtype, srp: int) -> TileConfig:
+    """The one launch configuration per (kernel, dtype, padded adapter width).
+
+    Half precision uses 128×128 tiles with 64-deep K steps (wgmma-sized on Hopper).
+    fp32 halves the K step to keep shared memory for the pipeline stages in budget,
+    and wide adapters (S·R > 64) shrink BLOCK_M so the [BLOCK_M, SR_PAD] accumulators
+    do not spill.
+    """
+    half = dtype != torch.float32
+    wide = srp > 64
+    if kernel == "shrink":
+        return TileConfig(64 if not wide else 32, 0, 64 if half else 32, 4, 3)
+    if kernel == "forward":
+        return TileConfig(128 if not wide else 64, 128, 64 if half else 32, 8, 3 if half else 2)
+    if kernel == "backward":
+        return TileConfig(128 if not wide else 64, 64 if half else 32, 128, 8, 3 if half else 2)
+    raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get true fp32 products (like F.linear's default), not tf32.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _bounds(slot_bounds: Sequence[int], N: int) -> list[int]:
+    inner = list(slot_bounds[:-1])
+    return inner + [N] * (MAX_SLOTS - 1 - len(inner))
+
+
+def _triton_forward(x, weight, bias, lora_a, lora_b, seed, slot_bounds, adapted, scale, p):
+    M, K = x.shape
+    N = weight.shape[0]
+    S, R = len(slot_bounds), lora_b.shape[1]
+    srp = sr_pad(S, R)
+    has_dropout = p > 0.0
+    h = torch.empty(M, S * R, device=x.device, dtype=torch.float32)
+    cfg = tile_config("shrink", x.dtype, srp)
+    _lora_shrink_kernel[(triton.cdiv(M, cfg.block_m),)](
+        x, lora_a, h, seed,
+        M, K, R, S, adapted, keep_threshold(p), 1.0 / (1.0 - p),
+        x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1),
+        HAS_DROPOUT=has_dropout, SR_PAD=srp, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k,
+        DOT_PRECISION=_dot_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    cfg = tile_config("forward", x.dtype, srp)
+    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
+    b1, b2, b3 = _bounds(slot_bounds, N)
+    _lora_forward_kernel[grid](
+        x, weight, bias if bias is not None else x, h, lora_b, y,
+        M, N, K, R, S * R, b1, b2, b3, float(scale),
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+        lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1),
+        HAS_BIAS=bias is not None, SR_PAD=srp, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, DOT_PRECISION=_dot_precision(x.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return y, h
+
+
+def _triton_backward(dy, x, weight, h, lora_a, lora_b, seed, slot_bounds, adapted, scale, p):
+    M, K = x.shape
+    N = weight.shape[0]
+    S, R = len(slot_bounds), lora_b.shape[1]
+    srp = sr_pad(S, R)
+    cfg = tile_config("backward", x.dtype, srp)
+    num_pid_m = triton.cdiv(M, cfg.block_m)
+    dx = torch.empty(M, K, device=x.device, dtype=x.dtype)
+    # Partials are reduced below with torch.sum in a fixed order: deterministic, and
+    # small (M/BLOCK_M × (S·R·K + N·R) fp32).  dA rows of absent slots are never
+    # written, hence zeros; every dB entry is written exactly once.
+    da_part = torch.zeros(num_pid_m, S * R, K, device=x.device, dtype=torch.float32)
+    db_part = torch.empty(num_pid_m, N, R, device=x.device, dtype=torch.float32)
+    b1, b2, b3 = _bounds(slot_bounds, N)
+    grid = (num_pid_m * triton.cdiv(K, cfg.block_k),)
+    _lora_backward_kernel[grid](
+        dy, weight, x, h, lora_a, lora_b, seed, dx, da_part, db_part,
+        M, N, K, R, S, adapted, b1, b2, b3, float(scale), keep_threshold(p), 1.0 / (1.0 - p),
+        dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), x.stride(0), x.stride(1),
+        lora_a.stride(0), lora_a.stride(1), lora_b.stride(0), lora_b.stride(1),
+        dx.stride(0), dx.stride(1),
+        HAS_DROPOUT=p > 0.0, SR_PAD=srp, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, DOT_PRECISION=_dot_precision(x.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    da = da_part.sum(0).to(lora_a.dtype)
+    db = db_part.sum(0).to(lora_b.dtype)
+    return dx, da, db
+
+
+# =============================================================================
+# 4. torch.library custom ops and autograd
+# =============================================================================
+
+
+@torch.library.custom_op("lora_kernels::lora_linear_fwd", mutates_args=())
+def lora_linear_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    seed: torch.Tensor,
+    slot_bounds: list[int],
+    adapted: int,
+    scale: float,
+    dropout_p: float,
+    use_triton: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (Y [M, N], H [M, S·R] fp32).  Inputs are already validated 2-D tensors."""
+    impl = _triton_forward if use_triton else _torch_forward
+    y, h = impl(x, weight, bias, lora_a, lora_b, seed, slot_bounds, adapted, scale, dropout_p)
+    return y, h.to(torch.float32) if h.dtype != torch.float64 else h
+
+
+@lora_linear_fwd.register_fake
+def _(x, weight, bias, lora_a, lora_b, seed, slot_bounds, adapted, scale, dropout_p, use_triton):
+    h_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    R = lora_b.shape[1]
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(
+        x.shape[0], len(slot_bounds) * R, dtype=h_dtype
+    )
+
+
+@torch.library.custom_op("lora_kernels::lora_linear_bwd", mutates_args=())
+def lora_linear_bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    h: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    seed: torch.Tensor,
+    slot_bounds: list[int],
+    adapted: int,
+    scale: float,
+    dropout_p: float,
+    use_triton: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dX, dA_cat, dB_cat) in the dtypes of x, lora_a and lora_b."""
+    impl = _triton_backward if use_triton else _torch_backward
+    return impl(dy, x, weight, h, lora_a, lora_b, seed, slot_bounds, adapted, scale, dropout_p)
+
+
+@lora_linear_bwd.register_fake
+def _(dy, x, weight, h, lora_a, lora_b, seed, slot_bounds, adapted, scale, dropout_p, use_triton):
+    return torch.empty_like(x), torch.empty_like(lora_a), torch.empty_like(lora_b)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, _bias, lora_a, lora_b, seed, slot_bounds, adapted, scale, p, use_triton = inputs
+    _y, h = output
+    ctx.save_for_backward(x, weight, h, lora_a, lora_b, seed)
+    ctx.launch = (slot_bounds, adapted, scale, p, use_triton)
+    ctx.mark_non_differentiable(h)
+
+
+def _backward(ctx, dy, _dh):
+    """Chain rule in the module docstring; W, b and the seed get no gradient."""
+    x, weight, h, lora_a, lora_b, seed = ctx.saved_tensors
+    dx, da, db = lora_linear_bwd(dy.contiguous(), x, weight, h, lora_a, lora_b, seed, *ctx.launch)
+    return dx, None, None, da, db, None, None, None, None, None, None
+
+
+lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# =============================================================================
+# 5. Keyword-only entry point
+# =============================================================================
+
+
+def draw_seed(device: torch.device | str = "cpu") -> torch.Tensor:
+    """A dropout seed drawn from torch's generator on ``device`` (so ``torch.manual_seed``
+    reproduces a run).  It stays a tensor: no host sync, and torch.compile can trace it."""
+    return torch.randint(0, SEED_MAX, (), device=device, dtype=torch.int64)
+
+
+def _use_triton(backend: str | None, device: torch.device) -> bool:
+    backend = backend or os.environ.get(BACKEND_ENV) or "auto"
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r} (also check ${BACKEND_ENV})")
+    if backend == "torch":
+        return False
+    if backend == "auto":
+        return device.type == "cuda"
+    if device.type != "cuda":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors, got {device.type}; "
+                "set TRITON_INTERPRET=1 to run the kernels on CPU through the interpreter"
+            )
+        patch_bf16_dot()
+    return True
+
+
+def _check_float(name: str, t: torch.Tensor) -> None:
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (fp16, bf16, fp32), got {t.dtype}")
+
+
+def _validate(x, weight, bias, lora_a, lora_b, slot_sizes, scale, dropout_p):
+    for name, t in (("x", x), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        _check_float(name, t)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
+    N, K = weight.shape
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"x must end in the weight's in_features {K}, got shape {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"x is empty (shape {tuple(x.shape)})")
+    if bias is not None:
+        _check_float("bias", bias)
+        if bias.shape != (N,):
+            raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
+    if len(lora_a) != len(lora_b):
+        raise ValueError(f"lora_a and lora_b need one entry per slot; got {len(lora_a)} and {len(lora_b)}")
+    S = len(lora_a)
+    if not 1 <= S <= MAX_SLOTS:
+        raise ValueError(f"between 1 and {MAX_SLOTS} slots are supported, got {S}")
+    if slot_sizes is None:
+        if N % S:
+            raise ValueError(f"N={N} does not split into {S} equal slots; pass slot_sizes")
+        slot_sizes = [N // S] * S
+    slot_sizes = [int(n) for n in slot_sizes]
+    if len(slot_sizes) != S or any(n <= 0 for n in slot_sizes) or sum(slot_sizes) != N:
+        raise ValueError(f"slot_sizes {slot_sizes} must be {S} positive sizes adding up to N={N}")
+    ranks = set()
+    for s, (a, b) in enumerate(zip(lora_a, lora_b)):
+        if (a is None) != (b is None):
+            raise ValueError(f"slot {s}: lora_a and lora_b must both be given or both be None")
+        if a is None:
+            continue
+        _check_float(f"lora_a[{s}]", a)
+        _check_float(f"lora_b[{s}]", b)
+        if a.dim() != 2 or a.shape[1] != K:
+            raise ValueError(f"lora_a[{s}] must be [r, {K}], got {tuple(a.shape)}")
+        if b.dim() != 2 or b.shape != (slot_sizes[s], a.shape[0]):
+            raise ValueError(f"lora_b[{s}] must be [{slot_sizes[s]}, {a.shape[0]}], got {tuple(b.shape)}")
+        ranks.add(a.shape[0])
+    if not ranks:
+        raise ValueError("no slot has an adapter; use torch.nn.functional.linear for a plain projection")
+    if len(ranks) > 1:
+        raise ValueError(f"all adapters must share one rank, got ranks {sorted(ranks)}")
+    R = ranks.pop()
+    if not 1 <= R <= MAX_RANK:
+        raise ValueError(f"rank must be in 1..{MAX_RANK}, got {R}")
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a Python float, got {type(scale).__name__}")
+    tensors = [x, weight, bias, *lora_a, *lora_b]
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    return slot_sizes, R
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    lora_a: Sequence[torch.Tensor | None],
+    lora_b: Sequence[torch.Tensor | None],
+    scale: float,
+    slot_sizes: Sequence[int] | None = None,
+    dropout_p: float = 0.0,
+    seed: int | torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``x Wᵀ + b + scale · (drop_s(x) A_sᵀ) B_sᵀ`` per slot, differentiable in x, A and B.
+
+    Args:
+        x: ``[..., K]`` activations (fp16, bf16 or fp32; fp64 on the torch backend).
+        weight: frozen ``[N, K]`` weight (``requires_grad=False``); same dtype as x, or
+            cast by autocast.
+        bias: optional frozen ``[N]`` bias.
+        lora_a: per slot, ``A_s [r, K]`` or None (no adapter on that slot).
+        lora_b: per slot, ``B_s [N_s, r]`` or None.  A and B may be fp32 master weights
+            while x is half precision; their gradients come back in their own dtype.
+        scale: the LoRA scale (alpha/sqrt(r) in CLIP-LoRA).
+        slot_sizes: the column count of each slot; defaults to an equal split of N.
+        dropout_p: LoRA dropout on the adapter input, in [0, 1).
+        seed: dropout seed (int or int64 tensor); required when ``dropout_p > 0``.
+            :func:`~lora_kernels.dropout_mask` regenerates the mask it implies.
+        backend: "auto" (Triton on CUDA, PyTorch on CPU), "triton" or "torch".  The
+            ``CLIP_LORA_BACKEND`` environment variable sets the default.
+    """
+    slot_sizes, R = _validate(x, weight, bias, lora_a, lora_b, slot_sizes, scale, dropout_p)
+    if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
+        raise ValueError(
+            "weight and bias must be frozen (requires_grad=False): the fused kernel computes no "
+            "gradient for them; call weight.requires_grad_(False)"
+        )
+    dropout_p = float(dropout_p)
+    if dropout_p > 0.0 and seed is None:
+        raise ValueError("seed is required when dropout_p > 0: pass an int or lora_kernels.draw_seed(device)")
+    device = x.device
+    if torch.is_autocast_enabled(device.type):
+        # Same policy as autocast's F.linear: the frozen projection runs in the autocast
+        # dtype; the adapters stay fp32 masters and are cast inside the kernels.
+        dtype = torch.get_autocast_dtype(device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(
+            f"x ({x.dtype}), weight ({weight.dtype}) and bias must share a dtype; cast the frozen "
+            "weight or run under torch.autocast"
+        )
+    use_triton = _use_triton(backend, device)
+    if use_triton and x.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"the Triton kernels take fp16, bf16 or fp32, got {x.dtype}; use backend='torch'")
+    if isinstance(seed, torch.Tensor):
+        seed = seed.to(device=device, dtype=torch.int64).reshape(())
+    else:
+        seed = torch.tensor(int(seed or 0) % SEED_MAX, device=device, dtype=torch.int64)
+
+    K = weight.shape[1]
+    # The one place where a non-contiguous or 3-D input may be copied: the kernels take
+    # explicit strides, but x must be viewable as [M, K].
+    x2 = x.reshape(-1, K)
+    adapted = sum(1 << s for s, a in enumerate(lora_a) if a is not None)
+    a_cat = torch.cat([a if a is not None else x2.new_zeros(R, K, dtype=_param_dtype(lora_a)) for a in lora_a])
+    b_cat = torch.cat(
+        [b if b is not None else x2.new_zeros(n, R, dtype=_param_dtype(lora_b)) for b, n in zip(lora_b, slot_sizes)]
+    )
+    bounds = list(itertools.accumulate(slot_sizes))
+    y, _h = lora_linear_fwd(x2, weight, bias, a_cat, b_cat, seed, bounds, adapted, float(scale), dropout_p, use_triton)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _param_dtype(params: Sequence[torch.Tensor | None]) -> torch.dtype:
+    return next(p.dtype for p in params if p is not None)
