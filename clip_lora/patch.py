@@ -1,0 +1,165 @@
+"""Swap LoRA attention into an open_clip model, and undo it.
+
+``patch_fused(model, config)`` replaces the attention of the blocks that ``config``
+selects with :class:`~clip_lora.attention.LoRAAttention`, freezes every other parameter
+and records the config as ``model.clip_lora_config``.  ``unpatch`` puts the original
+modules back.  ``merge``/``unmerge`` fold the adapters into the frozen weights and out
+again.
+
+State dicts: a patched model has the open_clip keys plus ``…attn.lora_A.<p>`` /
+``…attn.lora_B.<p>``.  :func:`load_base_state_dict` loads a plain open_clip checkpoint
+into a patched model (only LoRA keys may be missing); :func:`merged_state_dict` gives a
+plain open_clip state dict with the adapters folded in, which an unpatched model loads
+with ``strict=True``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import torch
+import torch.nn as nn
+
+from .attention import LoRAAttention
+from .config import LoRAConfig
+from .towers import tower_blocks
+
+CONFIG_ATTR = "clip_lora_config"
+PROVIDER_ATTR = "clip_lora_provider"
+_REQUIRES_GRAD_ATTR = "_clip_lora_requires_grad"
+
+
+def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRAAttention]]:
+    """``(qualified name, module)`` of every patched attention, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoRAAttention):
+            yield name, module
+
+
+def is_lora_key(key: str) -> bool:
+    """Whether a state-dict key belongs to an adapter rather than to open_clip."""
+    return ".lora_A." in key or ".lora_B." in key
+
+
+def _patch(model: nn.Module, config: LoRAConfig, provider: str) -> nn.Module:
+    if not isinstance(config, LoRAConfig):
+        raise TypeError(f"config must be a clip_lora.LoRAConfig, got {type(config).__name__}")
+    if next(lora_modules(model), None) is not None:
+        raise ValueError("model is already patched; call clip_lora.unpatch(model) first")
+    # Build every replacement before touching the model: an unsupported block leaves it intact.
+    replacements = []
+    for tower in config.towers:
+        blocks = tower_blocks(model, tower)
+        for i in config.blocks(len(blocks)):
+            new = LoRAAttention(
+                blocks[i].attn,
+                params=config.params,
+                r=config.r,
+                scale=config.scale,
+                dropout=config.dropout,
+                provider=provider,
+            )
+            replacements.append((blocks[i], new))
+    setattr(model, _REQUIRES_GRAD_ATTR, {n: p.requires_grad for n, p in model.named_parameters()})
+    for block, new in replacements:
+        block.attn = new
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in lora_parameters(model):
+        p.requires_grad_(True)
+    setattr(model, CONFIG_ATTR, config)
+    setattr(model, PROVIDER_ATTR, provider)
+    return model
+
+
+def patch_fused(model: nn.Module, config: LoRAConfig | None = None) -> nn.Module:
+    """Patch ``model`` in place with fused-kernel LoRA attention; returns it.
+
+    Only the adapters stay trainable.  The attention of the ``config.position`` blocks
+    of the ``config.encoder`` towers is replaced; q/k/v run as one packed
+    :func:`lora_kernels.lora_linear` call.
+    """
+    return _patch(model, config or LoRAConfig(), "fused")
+
+
+def patch_reference(model: nn.Module, config: LoRAConfig | None = None) -> nn.Module:
+    """Like :func:`patch_fused`, with the PEFT-style plain PyTorch LoRA
+    (:func:`lora_kernels.plain_lora_linear`): the baseline and the numerical reference."""
+    return _patch(model, config or LoRAConfig(), "plain")
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Put the original attention modules back (unmerging first) and restore each
+    parameter's ``requires_grad`` from before patching.  The adapters are dropped."""
+    for name, module in list(lora_modules(model)):
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, module.original())
+    flags = getattr(model, _REQUIRES_GRAD_ATTR, {})
+    for n, p in model.named_parameters():
+        p.requires_grad_(flags.get(n, p.requires_grad))
+    for attr in (CONFIG_ATTR, PROVIDER_ATTR, _REQUIRES_GRAD_ATTR):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    return model
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its frozen weight (zero-overhead inference)."""
+    for _, module in lora_modules(model):
+        module.merge()
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Undo :func:`merge`, restoring the frozen weights exactly."""
+    for _, module in lora_modules(model):
+        module.unmerge()
+    return model
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every adapter parameter (A then B per module): what the optimiser trains."""
+    return [p for _, m in lora_modules(model) for d in (m.lora_A, m.lora_B) for p in d.values()]
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors only, under their full state-dict keys."""
+    return {
+        f"{name}.{kind}.{p}": getattr(m, kind)[p].detach()
+        for name, m in lora_modules(model)
+        for kind in ("lora_A", "lora_B")
+        for p in m.params
+    }
+
+
+def count_trainable(model: nn.Module) -> int:
+    """Number of parameter elements with ``requires_grad``."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A plain open_clip state dict (original keys only) with the adapters folded into
+    the attention weights; the model itself is not changed."""
+    state = {k: v for k, v in model.state_dict().items() if not is_lora_key(k)}
+    for name, module in lora_modules(model):
+        for key, weight in module.merged_weights().items():
+            state[f"{name}.{key}"] = weight
+    return state
+
+
+def load_base_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Load an open_clip checkpoint (no LoRA keys) into a patched model.
+
+    ``model.load_state_dict(sd, strict=True)`` would report the adapters as missing;
+    this loads non-strictly and raises unless the adapters are all that is missing.
+    The adapters keep their values.
+    """
+    if any(m.merged for _, m in lora_modules(model)):
+        raise ValueError("model is merged: call clip_lora.unmerge(model) before loading base weights")
+    result = model.load_state_dict(state_dict, strict=False)
+    missing = [k for k in result.missing_keys if not is_lora_key(k)]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"state dict does not match the model: missing {missing[:5]}{'…' if len(missing) > 5 else ''}, "
+            f"unexpected {result.unexpected_keys[:5]}{'…' if len(result.unexpected_keys) > 5 else ''}"
+        )
