@@ -1,0 +1,67 @@
+"""The CoOp few-shot protocol: k images per class, drawn by seed, saved next to the results."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Sequence
+
+from .datasets import DatasetError, Sample
+
+
+def check_shots(shots: int) -> int:
+    if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
+        raise ValueError(f"shots must be a positive integer (images per class), got {shots!r}")
+    return shots
+
+
+def sample_few_shot(samples: Sequence[Sample], shots: int, seed: int) -> list[Sample]:
+    """Draw ``shots`` samples per class with ``random.Random(seed)``.
+
+    Without replacement, except for a class that has fewer than ``shots`` images, which
+    is drawn with replacement (CoOp's ``generate_fewshot_dataset(repeat=True)``).  Classes
+    are visited in label order and each class keeps its file order before drawing, so the
+    result depends only on the split file and the seed.  Classes absent from ``samples``
+    get no shots.
+    """
+    check_shots(shots)
+    rng = random.Random(seed)
+    by_label: dict[int, list[Sample]] = {}
+    for s in samples:
+        by_label.setdefault(s.label, []).append(s)
+    chosen: list[Sample] = []
+    for label in sorted(by_label):
+        items = by_label[label]
+        chosen += rng.sample(items, shots) if len(items) >= shots else rng.choices(items, k=shots)
+    return chosen
+
+
+def save_few_shot(
+    path: str, samples: Sequence[Sample], *, image_root: str, dataset: str, shots: int, seed: int
+) -> None:
+    """Write the drawn list as JSON (paths relative to ``image_root``, like a split file); atomic."""
+    payload = {
+        "dataset": dataset,
+        "shots": shots,
+        "seed": seed,
+        "image_root": image_root,
+        "train": [[os.path.relpath(s.path, image_root), s.label, s.classname] for s in samples],
+    }
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, path)
+
+
+def load_few_shot(path: str, image_root: str | None = None) -> list[Sample]:
+    """Read a list written by :func:`save_few_shot` (optionally relocated to another ``image_root``)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            payload = json.load(f)
+        root = image_root or payload["image_root"]
+        return [Sample(os.path.join(root, rel), int(label), cname) for rel, label, cname in payload["train"]]
+    except FileNotFoundError:
+        raise DatasetError(f"few-shot list not found: {path}") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise DatasetError(f"malformed few-shot list {path}: {e}; expected the JSON written by training") from None
