@@ -5,7 +5,7 @@
 """
 
 from .dropout import dropout_mask
-from .lora_linear import MAX_RANK, MAX_SLOTS, draw_seed, lora_linear
+from .fused_lora import MAX_RANK, MAX_SLOTS, draw_seed, lora_linear
 from .plain import official_style_lora_linear, plain_lora_linear
 
 __all__ = [

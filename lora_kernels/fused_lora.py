@@ -359,7 +359,9 @@ def tile_config(kernel: str, dtype: torch.dtype, srp: int) -> TileConfig:
     if kernel == "forward":
         return TileConfig(128 if not wide else 64, 128, 64 if half else 32, 8, 3 if half else 2)
     if kernel == "backward":
-        return TileConfig(128 if not wide else 64, 64 if half else 32, 128, 8, 3 if half else 2)
+        # BLOCK_K = 64, not 128: the epilogue holds the dX tile, the X tile, a mask tile
+        # and the dH·A tile at once; at 128 wide it spills on sm_90 (ptxas -v).
+        return TileConfig(128 if not wide else 64, 64 if half else 32, 64, 8, 3 if half else 2)
     raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
 
 
