@@ -1,0 +1,122 @@
+"""Timing and peak memory, recorded into pytest-benchmark.
+
+On CUDA the time that counts is ``triton.testing.do_bench``'s median: CUDA events around
+each call, after warm-up, with the L2 cache flushed between calls and gradients reset to
+None outside the timed region.  pytest-benchmark's own rounds also run (``pedantic``,
+one call plus ``torch.cuda.synchronize()`` per round), so its statistics are wall times
+of complete calls, and the JSON keeps both.  On CPU, work is synchronous and the
+pytest-benchmark median is the time.
+
+Peak memory is ``torch.cuda.max_memory_allocated()`` during one call, after
+``reset_peak_memory_stats()``: ``peak_mem_mb`` counts everything allocated (inputs,
+model, optimizer state), ``peak_extra_mb`` only what the call added on top of what was
+allocated when it started.  CPU has no allocator statistics, so both stay None there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+MB = 2**20
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How long to measure: do_bench's warm-up and repetition budgets (ms, CUDA) and
+    pytest-benchmark's rounds."""
+
+    warmup_ms: int
+    rep_ms: int
+    rounds: int
+    warmup_rounds: int
+
+
+LAYER_BUDGET = {"cuda": Budget(25, 100, 20, 2), "cpu": Budget(0, 0, 5, 1)}
+STEP_BUDGET = {"cuda": Budget(300, 2000, 5, 1), "cpu": Budget(0, 0, 3, 1)}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> tuple[float | None, float | None]:
+    """(peak allocated, peak added by the call) in MiB during one call of ``fn``."""
+    if device.type != "cuda":
+        return None, None
+    synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    return peak / MB, (peak - before) / MB
+
+
+def do_bench_ms(fn: Callable[[], object], budget: Budget, grad_to_none: Sequence[torch.Tensor]) -> list[float]:
+    """[median, 20th, 80th percentile] ms of ``fn`` from CUDA events (triton.testing)."""
+    import triton.testing
+
+    result = triton.testing.do_bench(
+        fn,
+        warmup=budget.warmup_ms,
+        rep=budget.rep_ms,
+        grad_to_none=list(grad_to_none) or None,
+        quantiles=[0.5, 0.2, 0.8],
+    )
+    return [float(t) for t in result]
+
+
+def run_benchmark(
+    benchmark,
+    fn: Callable[[], object],
+    *,
+    device: torch.device,
+    budget: Budget,
+    flops: int,
+    grad_to_none: Sequence[torch.Tensor] = (),
+) -> None:
+    """Warm up, record peak memory, time with do_bench (CUDA), then pytest-benchmark rounds.
+
+    Adds ``time_ms`` (+ ``time_ms_p20``/``p80``), ``timer``, ``peak_mem_mb``,
+    ``peak_extra_mb``, ``flops`` and ``tflops`` to ``benchmark.extra_info``.
+    """
+
+    def reset_grads() -> None:
+        for t in grad_to_none:
+            t.grad = None
+
+    def target() -> None:
+        fn()
+        synchronize(device)
+
+    # The first call pays for compilation and autotuning (Triton, torch.compile);
+    # neither the memory peak nor the timings should include it.
+    reset_grads()
+    target()
+    reset_grads()
+    peak, extra = peak_memory(fn, device)
+    info = benchmark.extra_info
+    info["peak_mem_mb"], info["peak_extra_mb"] = peak, extra
+    info["flops"] = int(flops)
+    if device.type == "cuda":
+        reset_grads()
+        median, p20, p80 = do_bench_ms(fn, budget, grad_to_none)
+        info.update(time_ms=median, time_ms_p20=p20, time_ms_p80=p80)
+        info["timer"] = "triton.testing.do_bench median (CUDA events, L2 flushed)"
+    benchmark.pedantic(
+        target,
+        setup=reset_grads if grad_to_none else None,
+        rounds=budget.rounds,
+        warmup_rounds=budget.warmup_rounds,
+        iterations=1,
+    )
+    stats = getattr(benchmark.stats, "stats", None)  # None under --benchmark-disable
+    if device.type != "cuda" and stats is not None:
+        info.update(time_ms=stats.median * 1e3, time_ms_p20=None, time_ms_p80=None)
+        info["timer"] = "host clock, pytest-benchmark median (CPU work is synchronous)"
+    if info.get("time_ms"):
+        info["tflops"] = flops / (info["time_ms"] * 1e-3) / 1e12

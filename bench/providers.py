@@ -1,0 +1,253 @@
+"""The things being compared, their inputs, and the references they are checked against.
+
+Layer providers (one LoRA projection, DESIGN.md section 4):
+
+* ``fused``          :func:`lora_kernels.lora_linear` (Triton on CUDA; on CPU its PyTorch
+                     path, since ``backend`` is left on auto);
+* ``plain``          :func:`lora_kernels.plain_lora_linear`, PEFT-style eager;
+* ``official-style`` :func:`lora_kernels.official_style_lora_linear`, the paper code's
+                     three split projections with a dense ``B @ A``;
+* ``plain+compile``  ``torch.compile`` of ``plain_lora_linear``;
+* ``frozen``         ``F.linear`` forward and its ``dY @ W`` backward: the floor.
+
+All five run the same way a CLIP-LoRA user runs them: under ``torch.autocast`` in the
+benchmark dtype, with x and the frozen W/b in that dtype (requires_grad False on W, b)
+and A, B as fp32 master parameters.  The fused op casts A and B inside its kernels; the
+plain providers get autocast's casts (and ``plain_lora_linear`` casts x to A's dtype
+first, as PEFT does).  So no provider is handed pre-cast adapters the others lack.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import lora_kernels
+
+from .workloads import LayerShape
+
+LAYER_PROVIDERS = ("fused", "plain", "official-style", "plain+compile", "frozen")
+
+# ‖out − ref‖ / ‖ref‖ against an fp64 reference.  Rounding one output to the format
+# costs about 2⁻⁹ (bf16) or 2⁻¹² (fp16) relative; the plain providers add up to four
+# rounded products per output (base, three adapters) and their autocast matmuls return
+# dA and dB rounded to the half type, so allow a few times that, as DESIGN.md section 6
+# expects (bf16 1e-3 to 1e-2).
+TOLERANCES = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-4}
+
+
+# =============================================================================
+# Layer inputs
+# =============================================================================
+
+
+@dataclass
+class LayerCase:
+    """Inputs of one layer benchmark: x (grad), frozen W and b, fp32 A/B masters, dY."""
+
+    shape: LayerShape
+    dtype: torch.dtype
+    rank: int
+    p: float
+    x: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+    lora_a: list[torch.Tensor]
+    lora_b: list[torch.Tensor]
+    dy: torch.Tensor
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / math.sqrt(self.rank)  # alpha / sqrt(r) with alpha = 1 (the paper's)
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    def grad_tensors(self) -> list[torch.Tensor]:
+        return [self.x, *self.lora_a, *self.lora_b]
+
+    def zero_grads(self) -> None:
+        for t in self.grad_tensors():
+            t.grad = None
+
+
+def make_layer_case(
+    shape: LayerShape, dtype: torch.dtype, rank: int, p: float, device: torch.device | str, seed: int = 0
+) -> LayerCase:
+    """Random inputs at the scales of a real layer (unit activations, 1/√K weights).
+
+    B is not zero, unlike a fresh adapter: a zero B would hide the adapter's error terms
+    from the correctness check (and changes no timing).
+    """
+    device = torch.device(device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    M, K, N = shape.M, shape.K, shape.N
+
+    def randn(*size: int) -> torch.Tensor:
+        return torch.randn(*size, generator=g, device=device, dtype=torch.float32)
+
+    x = randn(M, K).to(dtype).requires_grad_()
+    weight = (randn(N, K) / math.sqrt(K)).to(dtype)
+    bias = (0.1 * randn(N)).to(dtype)
+    bound = 1.0 / math.sqrt(K)  # kaiming-uniform(a=√5) bound, as LoRA initialises A
+    lora_a = [((2 * torch.rand(rank, K, generator=g, device=device) - 1) * bound).requires_grad_() for _ in range(shape.slots)]
+    lora_b = [(0.1 * randn(n, rank)).requires_grad_() for n in shape.slot_sizes]
+    dy = randn(M, N).to(dtype)
+    return LayerCase(shape, dtype, rank, p, x, weight, bias, lora_a, lora_b, dy)
+
+
+# =============================================================================
+# Layer providers
+# =============================================================================
+
+_compiled_plain: Callable | None = None
+
+
+def compiled_plain() -> Callable:
+    """One ``torch.compile`` of ``plain_lora_linear`` shared by every benchmark.
+
+    Static shapes (``dynamic=False``): each workload gets its own specialised graph, as a
+    training run with fixed shapes would.  The suite compiles one graph per (shape,
+    dtype, rank, p), more than dynamo's default of 8 per function, after which dynamo
+    would silently fall back to eager; hence the raised limit.
+    """
+    global _compiled_plain
+    if _compiled_plain is None:
+        import torch._dynamo
+
+        for name in ("recompile_limit", "cache_size_limit"):  # renamed across torch releases
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, 128)
+        _compiled_plain = torch.compile(lora_kernels.plain_lora_linear, dynamic=False)
+    return _compiled_plain
+
+
+def layer_forward(
+    provider: str, case: LayerCase, *, p: float | None = None, seed: int | None = None
+) -> Callable[[], torch.Tensor]:
+    """A closure running ``provider``'s forward on ``case`` under autocast.
+
+    ``p`` overrides the case's dropout (the checks use p = 0 for the providers whose
+    masks come from torch's RNG); ``seed`` fixes the fused op's mask (else every call
+    draws a fresh seed on the device, as a training step does).
+    """
+    p = case.p if p is None else p
+    x, w, b = case.x, case.weight, case.bias
+    common = dict(lora_a=case.lora_a, lora_b=case.lora_b, scale=case.scale, slot_sizes=case.shape.slot_sizes)
+    device_type = case.device.type
+
+    if provider == "fused":
+
+        def run() -> torch.Tensor:
+            s = seed if seed is not None else (lora_kernels.draw_seed(case.device) if p > 0 else None)
+            return lora_kernels.lora_linear(x, w, b, dropout_p=p, seed=s, **common)
+
+    elif provider == "plain":
+
+        def run() -> torch.Tensor:
+            return lora_kernels.plain_lora_linear(x, w, b, dropout_p=p, training=True, **common)
+
+    elif provider == "official-style":
+
+        def run() -> torch.Tensor:
+            return lora_kernels.official_style_lora_linear(x, w, b, dropout_p=p, training=True, **common)
+
+    elif provider == "plain+compile":
+        fn = compiled_plain()
+
+        def run() -> torch.Tensor:
+            return fn(x, w, b, dropout_p=p, training=True, **common)
+
+    elif provider == "frozen":
+
+        def run() -> torch.Tensor:
+            return F.linear(x, w, b)
+
+    else:
+        raise ValueError(f"unknown layer provider {provider!r}; known: {', '.join(LAYER_PROVIDERS)}")
+
+    def autocast_run() -> torch.Tensor:
+        with torch.autocast(device_type, dtype=case.dtype):
+            return run()
+
+    return autocast_run
+
+
+# =============================================================================
+# Layer reference and check
+# =============================================================================
+
+
+def layer_reference(case: LayerCase, *, lora: bool, p: float, seed: int | None = None) -> dict[str, torch.Tensor]:
+    """fp64 outputs and gradients, written out from the math (DESIGN.md section 3).
+
+    ``Y_s = X W_sᵀ + b_s + scale · (drop_s(X) A_sᵀ) B_sᵀ``; the gradients come from
+    autograd in fp64.  With ``p > 0`` the masks are the fused op's, regenerated from ``seed``.
+    """
+    f64 = torch.float64
+    x = case.x.detach().to(f64).requires_grad_()
+    w, b = case.weight.to(f64), case.bias.to(f64)
+    y = x @ w.t() + b
+    out: dict[str, torch.Tensor] = {}
+    a_s = b_s = []
+    if lora:
+        a_s = [a.detach().to(f64).requires_grad_() for a in case.lora_a]
+        b_s = [bb.detach().to(f64).requires_grad_() for bb in case.lora_b]
+        deltas = []
+        M, K = x.shape
+        for s, (a, bb) in enumerate(zip(a_s, b_s)):
+            xs = x
+            if p > 0:
+                mask = lora_kernels.dropout_mask(seed, s, M, K, p, device=x.device)
+                xs = x * mask / (1 - p)
+            deltas.append(case.scale * (xs @ a.t()) @ bb.t())
+        y = y + torch.cat(deltas, dim=1)
+    y.backward(case.dy.to(f64))
+    out["y"] = y.detach()
+    out["dx"] = x.grad
+    for s, (a, bb) in enumerate(zip(a_s, b_s)):
+        out[f"dA{s}"] = a.grad
+        out[f"dB{s}"] = bb.grad
+    return out
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in fp64; NaN or inf in ``out`` gives inf (never a pass)."""
+    out = out.detach().to(torch.float64)
+    if not torch.isfinite(out).all():
+        return math.inf
+    return float(torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref))
+
+
+CHECK_SEED = 1234
+
+
+def check_layer(provider: str, case: LayerCase) -> dict[str, float]:
+    """Run ``provider`` forward and backward on the case's inputs; compare with fp64.
+
+    The fused op is checked at the case's dropout, with its mask regenerated from a
+    fixed seed; the other providers draw masks from torch's RNG, so they are checked at
+    p = 0.  Returns the relative error of Y, dX and every dA/dB; raises AssertionError
+    when one exceeds the dtype's tolerance.
+    """
+    lora = provider != "frozen"
+    p = case.p if provider == "fused" else 0.0
+    ref = layer_reference(case, lora=lora, p=p, seed=CHECK_SEED)
+    case.zero_grads()
+    y = layer_forward(provider, case, p=p, seed=CHECK_SEED)()
+    y.backward(case.dy)
+    got = {"y": y, "dx": case.x.grad}
+    if lora:
+        for s, (a, b) in enumerate(zip(case.lora_a, case.lora_b)):
+            got[f"dA{s}"], got[f"dB{s}"] = a.grad, b.grad
+    errs = {name: rel_err(got[name], ref[name]) for name in ref}
+    case.zero_grads()
+    tol = TOLERANCES[case.dtype]
+    bad = {k: v for k, v in errs.items() if not v <= tol}
+    assert not bad, f"{provider} on {case.shape.name} {case.dtype}: relative error above {tol:g} vs fp64: {bad}"
+    return errs

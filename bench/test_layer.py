@@ -1,0 +1,100 @@
+"""Layer benchmarks: one LoRA projection, forward, backward and forward+backward.
+
+Groups (``benchmark.group``) hold the five providers of one workload, dtype, rank,
+dropout and mode, so ``bench.report`` can divide each by ``fused`` from the same run:
+
+* the main matrix: every layer shape x {bf16, fp16} x every mode, r = 2, p = 0.25;
+* a rank sweep on the ViT-B/16 vision qkv projection (bf16, forward+backward);
+* p = 0 on every shape (bf16, forward+backward): the kernels without a dropout mask.
+
+Each benchmark first checks its provider against the fp64 reference on the very inputs
+it then times (:func:`bench.providers.check_layer`).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from .measure import LAYER_BUDGET, run_benchmark
+from .providers import LAYER_PROVIDERS, TOLERANCES, check_layer, layer_forward, make_layer_case
+from .workloads import DROPOUT, DTYPES, MODES, RANK, RANKS, LayerShape, bench_size, layer_flops, layer_shapes
+
+SIZE = bench_size()
+SHAPES = layer_shapes(SIZE)
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _skip_reason(provider: str, shape: LayerShape, dtype: str, rank: int, p: float) -> str | None:
+    # Inductor needs ~20 s per graph on a 2-core CPU, and the suite has dozens of
+    # graphs; on CPU the provider is compiled for one workload only, and says so.
+    if provider == "plain+compile" and DEVICE.type == "cpu":
+        if (shape.name, dtype, rank, p) != (SHAPES[0].name, "bf16", RANK, DROPOUT):
+            return (
+                f"plain+compile on CPU runs only on {SHAPES[0].name} bf16 r{RANK} p{DROPOUT} "
+                "(torch.compile costs ~20 s per graph on CPU); a GPU run covers every workload"
+            )
+    return None
+
+
+def bench_layer(benchmark, provider: str, shape: LayerShape, dtype: str, rank: int, p: float, mode: str) -> None:
+    reason = _skip_reason(provider, shape, dtype, rank, p)
+    if reason:
+        pytest.skip(reason)
+    case = make_layer_case(shape, DTYPES[dtype], rank, p, DEVICE)
+    errs = check_layer(provider, case)
+
+    forward = layer_forward(provider, case)
+    if mode == "forward":
+        fn = forward
+    elif mode == "backward":
+        # One forward whose graph every timed backward reuses: only the backward is timed.
+        y = forward()
+
+        def fn() -> None:
+            y.backward(case.dy, retain_graph=True)
+
+    else:
+
+        def fn() -> None:
+            forward().backward(case.dy)
+
+    benchmark.group = f"layer {shape.name} {dtype} r{rank} p{p} {mode}"
+    benchmark.extra_info.update(
+        kind="layer",
+        provider=provider,
+        mode=mode,
+        dtype=dtype,
+        rank=rank,
+        p=p,
+        size=SIZE,
+        device=str(DEVICE),
+        **shape.as_dict(),
+        check_rel_err=errs,
+        check_tol=TOLERANCES[case.dtype],
+        check_p=p if provider == "fused" else 0.0,
+    )
+    flops = layer_flops(shape, rank, mode, lora=provider != "frozen")
+    run_benchmark(
+        benchmark, fn, device=DEVICE, budget=LAYER_BUDGET[DEVICE.type], flops=flops, grad_to_none=case.grad_tensors()
+    )
+
+
+@pytest.mark.parametrize("provider", LAYER_PROVIDERS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.name)
+def test_layer(benchmark, shape, dtype, mode, provider):
+    bench_layer(benchmark, provider, shape, dtype, RANK, DROPOUT, mode)
+
+
+@pytest.mark.parametrize("provider", LAYER_PROVIDERS)
+@pytest.mark.parametrize("rank", RANKS, ids=lambda r: f"r{r}")
+def test_layer_rank_sweep(benchmark, rank, provider):
+    bench_layer(benchmark, provider, SHAPES[0], "bf16", rank, DROPOUT, "fwd+bwd")
+
+
+@pytest.mark.parametrize("provider", LAYER_PROVIDERS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.name)
+def test_layer_no_dropout(benchmark, shape, provider):
+    bench_layer(benchmark, provider, shape, "bf16", RANK, 0.0, "fwd+bwd")
