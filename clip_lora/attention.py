@@ -88,7 +88,7 @@ def _sdpa_mask(mask: torch.Tensor | None, n: int, heads: int, seq_len: int, dtyp
 
 
 def _attention_form(attn: nn.Module) -> str:
-    """"mha" or "attention"; raises for anything this module cannot stand in for exactly."""
+    """ "mha" or "attention"; raises for anything this module cannot stand in for exactly."""
     from open_clip.transformer import Attention  # open_clip only where CLIP is touched
 
     if isinstance(attn, nn.MultiheadAttention):

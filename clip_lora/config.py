@@ -96,8 +96,7 @@ class LoRAConfig:
         if isinstance(self.position, str):
             if self.position not in POSITIONS:
                 raise ValueError(
-                    f"position must be one of {', '.join(POSITIONS)} or a list of block indices; "
-                    f"got {self.position!r}"
+                    f"position must be one of {', '.join(POSITIONS)} or a list of block indices; got {self.position!r}"
                 )
         else:
             indices = tuple(self.position)

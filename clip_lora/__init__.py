@@ -1,0 +1,47 @@
+"""CLIP-LoRA on open_clip: patch fused LoRA attention into CLIP, train few-shot, save adapters.
+
+    model, _, preprocess, tokenizer = clip_lora.create_model("ViT-B-16", pretrained="openai")
+    # or: clip_lora.patch_fused(open_clip_model, clip_lora.LoRAConfig(r=2, params=("q", "k", "v")))
+
+The patching layer (this package's top level) knows open_clip and ``lora_kernels``; the
+few-shot recipe (datasets, training, evaluation, CLI) lives in its own modules.
+"""
+
+from .adapters import load_adapter, load_official_adapter, save_adapter
+from .attention import LoRAAttention
+from .config import LoRAConfig
+from .model import create_model
+from .patch import (
+    count_trainable,
+    load_base_state_dict,
+    lora_parameters,
+    lora_state_dict,
+    merge,
+    merged_state_dict,
+    patch_fused,
+    patch_reference,
+    unmerge,
+    unpatch,
+)
+from .text import encode_class_prompts, encode_text_trimmed
+
+__all__ = [
+    "LoRAAttention",
+    "LoRAConfig",
+    "count_trainable",
+    "create_model",
+    "encode_class_prompts",
+    "encode_text_trimmed",
+    "load_adapter",
+    "load_base_state_dict",
+    "load_official_adapter",
+    "lora_parameters",
+    "lora_state_dict",
+    "merge",
+    "merged_state_dict",
+    "patch_fused",
+    "patch_reference",
+    "save_adapter",
+    "unmerge",
+    "unpatch",
+]
