@@ -95,7 +95,9 @@ def make_layer_case(
     weight = (randn(N, K) / math.sqrt(K)).to(dtype)
     bias = (0.1 * randn(N)).to(dtype)
     bound = 1.0 / math.sqrt(K)  # kaiming-uniform(a=√5) bound, as LoRA initialises A
-    lora_a = [((2 * torch.rand(rank, K, generator=g, device=device) - 1) * bound).requires_grad_() for _ in range(shape.slots)]
+    lora_a = [
+        ((2 * torch.rand(rank, K, generator=g, device=device) - 1) * bound).requires_grad_() for _ in range(shape.slots)
+    ]
     lora_b = [(0.1 * randn(n, rank)).requires_grad_() for n in shape.slot_sizes]
     dy = randn(M, N).to(dtype)
     return LayerCase(shape, dtype, rank, p, x, weight, bias, lora_a, lora_b, dy)
@@ -200,7 +202,7 @@ def layer_reference(case: LayerCase, *, lora: bool, p: float, seed: int | None =
         b_s = [bb.detach().to(f64).requires_grad_() for bb in case.lora_b]
         deltas = []
         M, K = x.shape
-        for s, (a, bb) in enumerate(zip(a_s, b_s)):
+        for s, (a, bb) in enumerate(zip(a_s, b_s, strict=True)):
             xs = x
             if p > 0:
                 mask = lora_kernels.dropout_mask(seed, s, M, K, p, device=x.device)
@@ -210,7 +212,7 @@ def layer_reference(case: LayerCase, *, lora: bool, p: float, seed: int | None =
     y.backward(case.dy.to(f64))
     out["y"] = y.detach()
     out["dx"] = x.grad
-    for s, (a, bb) in enumerate(zip(a_s, b_s)):
+    for s, (a, bb) in enumerate(zip(a_s, b_s, strict=True)):
         out[f"dA{s}"] = a.grad
         out[f"dB{s}"] = bb.grad
     return out
@@ -243,11 +245,186 @@ def check_layer(provider: str, case: LayerCase) -> dict[str, float]:
     y.backward(case.dy)
     got = {"y": y, "dx": case.x.grad}
     if lora:
-        for s, (a, b) in enumerate(zip(case.lora_a, case.lora_b)):
+        for s, (a, b) in enumerate(zip(case.lora_a, case.lora_b, strict=True)):
             got[f"dA{s}"], got[f"dB{s}"] = a.grad, b.grad
     errs = {name: rel_err(got[name], ref[name]) for name in ref}
     case.zero_grads()
     tol = TOLERANCES[case.dtype]
     bad = {k: v for k, v in errs.items() if not v <= tol}
     assert not bad, f"{provider} on {case.shape.name} {case.dtype}: relative error above {tol:g} vs fp64: {bad}"
+    return errs
+
+
+# =============================================================================
+# CLIP-LoRA training step
+# =============================================================================
+
+STEP_PROVIDERS = ("fused", "plain", "fused+trim", "frozen")
+STEP_DTYPE = torch.bfloat16
+# The paper's optimiser (DESIGN.md section 2); the schedule does not change the cost.
+ADAMW = dict(lr=2e-4, weight_decay=1e-2, betas=(0.9, 0.999))
+# The step check runs the provider twice against the fp32 plain-LoRA reference.  In
+# fp32 the only differences are summation orders (the fused kernels, SDPA on trimmed
+# shapes): ~1e-6 measured, while a wrong term (a missing adapter, a bad trim) is
+# >= 1e-2.  Under bf16 autocast, rounding through 2 x 12 blocks costs 1e-2 to 4e-2 on
+# logits (100·cos amplifies feature errors) and gradients; that bound only catches a
+# broken autocast path, the fp32 check is the exact one.
+STEP_TOLERANCES = {"fp32": 1e-4, "bf16": 1e-1}
+
+
+def step_classnames(n_classes: int) -> list[str]:
+    """``n_classes`` real class names: ImageNet's 1000, or an even sample of them.
+
+    The other datasets' names come from their CoOp split files, which are not shipped;
+    real ImageNet names give their prompts realistic token lengths, and the trimmed
+    text tower's gain depends on exactly that (the longest prompt of the batch).
+    """
+    from clip_lora.data import imagenet_classes
+
+    names = [name for _, name in imagenet_classes()]
+    if n_classes > len(names):
+        raise ValueError(f"at most {len(names)} class names, asked for {n_classes}")
+    return [names[i * len(names) // n_classes] for i in range(n_classes)]
+
+
+@dataclass
+class StepInputs:
+    """One step's batch: images, their labels, and every class prompt's tokens."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    tokens: torch.Tensor
+
+
+def make_step_inputs(work, tokenizer, device: torch.device, seed: int = 0) -> StepInputs:
+    from clip_lora.text import class_prompts
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    images = torch.randn(work.batch, 3, work.image_size, work.image_size, generator=g)
+    labels = torch.randint(0, work.n_classes, (work.batch,), generator=g)
+    tokens = tokenizer(class_prompts(step_classnames(work.n_classes)))
+    return StepInputs(images.to(device), labels.to(device), tokens.to(device))
+
+
+def build_step_model(
+    base: torch.nn.Module, provider: str, device: torch.device, seed: int = 0
+) -> tuple[torch.nn.Module, list]:
+    """A copy of ``base`` (kept on the host) on ``device``, set up as ``provider``;
+    returns (model, trainable parameters).
+
+    * ``fused`` / ``fused+trim``: :func:`clip_lora.patch_fused` with the paper's config;
+    * ``plain``: :func:`clip_lora.patch_reference` (PEFT-style plain LoRA);
+    * ``frozen``: the floor, i.e. the same model with no LoRA.  It is the fused-patched
+      model with its adapters merged into the frozen weights, so its attention is the
+      very same SDPA code and each projection a bare ``F.linear``; only the two
+      positional embeddings are trainable, which makes backward run through every block
+      of both towers (activation gradients, no weight gradients), as it must for LoRA
+      in every block, while its optimiser step is next to nothing.
+
+    The adapters get the same random values under every provider (B is not left at
+    zero, so the check sees the adapter terms).
+    """
+    import copy
+
+    from clip_lora import LoRAConfig, lora_parameters, merge, patch_fused, patch_reference
+
+    model = copy.deepcopy(base).to(device)
+    torch.manual_seed(seed)  # A's kaiming init draws from the global generator
+    (patch_reference if provider == "plain" else patch_fused)(model, LoRAConfig())
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            if not p.abs().sum():  # B starts at zero
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+    if provider != "frozen":
+        return model, lora_parameters(model)
+    merge(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    trainable = [model.positional_embedding, model.visual.positional_embedding]
+    for p in trainable:
+        p.requires_grad_(True)
+    return model, trainable
+
+
+def clip_logits(model: torch.nn.Module, provider: str, inputs: StepInputs) -> torch.Tensor:
+    """``100 · cos(image feature, class-prompt feature)``: the paper's logits."""
+    from clip_lora import encode_text_trimmed
+
+    image = model.encode_image(inputs.images, normalize=True)
+    if provider == "fused+trim":
+        text = encode_text_trimmed(model, inputs.tokens, normalize=True)
+    else:
+        text = model.encode_text(inputs.tokens, normalize=True)
+    return 100.0 * image @ text.t()
+
+
+def make_train_step(model: torch.nn.Module, provider: str, params: list, inputs: StepInputs) -> Callable[[], None]:
+    """One CLIP-LoRA iteration: forward of both towers under bf16 autocast, CE loss,
+    backward, AdamW step."""
+    device_type = inputs.images.device.type
+    opt = torch.optim.AdamW(params, **ADAMW)
+    model.train()
+
+    def step() -> None:
+        with torch.autocast(device_type, dtype=STEP_DTYPE):
+            loss = F.cross_entropy(clip_logits(model, provider, inputs), inputs.labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _loss_and_grads(model, provider, params, inputs, autocast: bool):
+    for p in params:
+        p.grad = None
+    with torch.autocast(inputs.images.device.type, dtype=STEP_DTYPE, enabled=autocast):
+        logits = clip_logits(model, provider, inputs)
+        loss = F.cross_entropy(logits.float(), inputs.labels)
+    loss.backward()
+    grads = torch.cat([p.grad.reshape(-1) for p in params]).to(torch.float64)
+    for p in params:
+        p.grad = None
+    return logits.detach().to(torch.float64), loss.detach().to(torch.float64), grads
+
+
+def check_step(model: torch.nn.Module, provider: str, params: list, inputs: StepInputs) -> dict[str, dict]:
+    """The provider's logits, loss and trainable gradients on the benchmark's own batch,
+    in fp32 and under bf16 autocast, against the same weights in fp32 with the plain
+    reference (:data:`STEP_TOLERANCES`).
+
+    Everything runs in eval mode (no dropout: the providers draw their masks
+    differently).  The reference is the untrimmed, plain-LoRA model, so ``fused+trim``
+    is checked against the full 77-token text tower and ``fused`` against
+    :func:`lora_kernels.plain_lora_linear`.
+    """
+    import copy
+
+    from clip_lora import LoRAConfig, lora_parameters, lora_state_dict, patch_reference, unpatch
+
+    ref = copy.deepcopy(model)
+    if provider == "frozen":
+        ref_params = [ref.positional_embedding, ref.visual.positional_embedding]
+    else:
+        adapters = lora_state_dict(model)
+        patch_reference(unpatch(ref), LoRAConfig())
+        ref.load_state_dict(adapters, strict=False)
+        ref_params = lora_parameters(ref)
+    model.eval()
+    ref.eval()
+    expected = _loss_and_grads(ref, "plain", ref_params, inputs, autocast=False)
+    del ref
+    errs: dict[str, dict] = {}
+    for precision, autocast in (("fp32", False), ("bf16", True)):
+        got = _loss_and_grads(model, provider, params, inputs, autocast=autocast)
+        errs[precision] = {k: rel_err(g, e) for k, g, e in zip(("logits", "loss", "grads"), got, expected, strict=True)}
+    model.train()
+    bad = {
+        f"{precision} {k}": v
+        for precision, e in errs.items()
+        for k, v in e.items()
+        if not v <= STEP_TOLERANCES[precision]
+    }
+    assert not bad, f"step {provider}: relative error vs the fp32 reference above {STEP_TOLERANCES}: {bad}"
     return errs

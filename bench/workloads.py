@@ -160,10 +160,10 @@ class StepWorkload:
 
 def step_workloads(size: str) -> list[StepWorkload]:
     """ViT-B/16, batch 32, 224² images, every class prompt; ``small``: the tiny model,
-    4 images of 64² and a tenth of the classes (at least 2)."""
+    4 images of 64² and a twentieth of the classes (at least 2)."""
     if size == "full":
         return [StepWorkload(name, n, "ViT-B-16", 32, 224) for name, n in DATASETS.items()]
-    return [StepWorkload(name, max(2, round(n / 10)), TINY_MODEL, 4, 64) for name, n in DATASETS.items()]
+    return [StepWorkload(name, max(2, round(n / 20)), TINY_MODEL, 4, 64) for name, n in DATASETS.items()]
 
 
 def register_tiny_model(directory: Path) -> None:
@@ -193,7 +193,12 @@ def model_dims(model_name: str) -> dict[str, dict[str, float]]:
             "mlp_ratio": v.get("mlp_ratio", 4.0),
             "seq": 1 + (v["image_size"] // v["patch_size"]) ** 2,
         },
-        "text": {"width": t["width"], "layers": t["layers"], "mlp_ratio": t.get("mlp_ratio", 4.0), "seq": CONTEXT_LENGTH},
+        "text": {
+            "width": t["width"],
+            "layers": t["layers"],
+            "mlp_ratio": t.get("mlp_ratio", 4.0),
+            "seq": CONTEXT_LENGTH,
+        },
     }
 
 
@@ -223,5 +228,7 @@ def step_flops(work: StepWorkload) -> int:
     dims = model_dims(work.model)
     v, t = dims["vision"], dims["text"]
     vf, vb = tower_flops(work.batch * int(v["seq"]), int(v["seq"]), int(v["width"]), int(v["layers"]), v["mlp_ratio"])
-    tf, tb = tower_flops(work.n_classes * CONTEXT_LENGTH, CONTEXT_LENGTH, int(t["width"]), int(t["layers"]), t["mlp_ratio"])
+    tf, tb = tower_flops(
+        work.n_classes * CONTEXT_LENGTH, CONTEXT_LENGTH, int(t["width"]), int(t["layers"]), t["mlp_ratio"]
+    )
     return vf + vb + tf + tb
