@@ -1,0 +1,301 @@
+"""Turn a pytest-benchmark JSON into a Markdown report and plots.
+
+    pytest bench/ --benchmark-only --benchmark-json bench/results/<gpu>-<date>.json
+    python -m bench.report bench/results/<gpu>-<date>.json --out bench/results/<gpu>-<date>
+
+writes ``<out>/report.md`` (context, DESIGN.md section 4 targets, the step table per
+dataset, every layer group with each provider's time ÷ fused from the same run, peak
+memory) and ``<out>/step_speedup.png``, ``<out>/step_memory.png``,
+``<out>/layer_rank_sweep.png``.
+
+Times: ``extra_info["time_ms"]`` (do_bench median on CUDA; the pytest-benchmark median
+on CPU), else the pytest-benchmark median.  Ratios are only ever taken within one
+``benchmark.group`` of one JSON, i.e. one run on one machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from .workloads import DATASETS
+
+LAYER_ORDER = ("fused", "plain", "official-style", "plain+compile", "frozen")
+STEP_ORDER = ("fused", "plain", "fused+trim", "frozen")
+
+
+@dataclass
+class Row:
+    group: str
+    provider: str
+    time_ms: float
+    info: dict
+
+    @property
+    def peak_mb(self) -> float | None:
+        return self.info.get("peak_mem_mb")
+
+
+def load_rows(path: Path) -> tuple[dict, dict[str, dict[str, Row]]]:
+    """(context, ``group -> provider -> Row``) from a pytest-benchmark JSON."""
+    data = json.loads(Path(path).read_text())
+    context = dict(data.get("machine_info", {}).get("clip_lora_bench", {}))
+    context.setdefault("date", data.get("datetime"))
+    groups: dict[str, dict[str, Row]] = defaultdict(dict)
+    for b in data.get("benchmarks", []):
+        info = b.get("extra_info", {})
+        time_ms = info.get("time_ms")
+        if time_ms is None and b.get("stats"):
+            time_ms = b["stats"]["median"] * 1e3
+        if time_ms is None or "provider" not in info:
+            continue
+        groups[b["group"]][info["provider"]] = Row(b["group"], info["provider"], float(time_ms), info)
+    return context, dict(groups)
+
+
+def ratio(groups: dict[str, dict[str, Row]], group: str, num: str, den: str, *, memory: bool = False) -> float | None:
+    """``num`` ÷ ``den`` in ``group`` (time, or peak memory); None when either is missing."""
+    g = groups.get(group, {})
+    if num not in g or den not in g:
+        return None
+    a, b = (g[num].peak_mb, g[den].peak_mb) if memory else (g[num].time_ms, g[den].time_ms)
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def _fmt(x: float | None, spec: str = ".3g", suffix: str = "") -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:{spec}}{suffix}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out
+
+
+# =============================================================================
+# Targets (DESIGN.md section 4)
+# =============================================================================
+
+
+def layer_group(workload: str, mode: str = "fwd+bwd", dtype: str = "bf16", rank: int = 2, p: float = 0.25) -> str:
+    return f"layer {workload} {dtype} r{rank} p{p} {mode}"
+
+
+def target_rows(groups: dict[str, dict[str, Row]], claim: bool = True) -> list[list[str]]:
+    """One row per (target, workload): measured value, target, and whether it is met.
+
+    ``claim=False`` (a reduced-size or CPU run) shows the values without a verdict: the
+    targets are about the full workloads on a GPU.
+    """
+    rows = []
+    layer_workloads = sorted(
+        {
+            r.info["workload"]
+            for g in groups.values()
+            for r in g.values()
+            if r.info.get("kind") == "layer" and re.search(r"(vision-qkv|text-qkv)", r.info["workload"])
+        }
+    )
+    layer_targets = [
+        ("fused ÷ frozen (fwd+bwd)", "fused", "frozen", "≤", 1.15),
+        ("plain ÷ fused", "plain", "fused", "≥", 1.8),
+        ("official-style ÷ fused", "official-style", "fused", "≥", 3.0),
+        ("plain+compile ÷ fused", "plain+compile", "fused", "≥", 1.3),
+    ]
+    for label, num, den, op, target in layer_targets:
+        for w in layer_workloads:
+            value = ratio(groups, layer_group(w), num, den)
+            rows.append(_target_row(f"layer {w}, bf16 r2 p0.25", label, value, op, target, claim))
+    for dataset in DATASETS:
+        value = ratio(groups, f"step {dataset}", "plain", "fused")
+        rows.append(_target_row(f"step {dataset}", "plain ÷ fused", value, "≥", 1.25, claim))
+    value = ratio(groups, "step ImageNet", "fused", "plain", memory=True)
+    rows.append(_target_row("step ImageNet", "peak memory fused ÷ plain", value, "≤", 0.8, claim))
+    return rows
+
+
+def _target_row(workload: str, label: str, value: float | None, op: str, target: float, claim: bool) -> list[str]:
+    if value is None:
+        verdict = "not measured"
+    elif not claim:
+        verdict = "n/a (reduced-size run)"
+    else:
+        verdict = "met" if (value <= target if op == "≤" else value >= target) else "**not met**"
+    return [workload, label, f"{op} {target:g}", _fmt(value, ".2f"), verdict]
+
+
+# =============================================================================
+# Tables
+# =============================================================================
+
+
+def step_rows(groups: dict[str, dict[str, Row]]) -> list[list[str]]:
+    rows = []
+    for dataset in DATASETS:
+        g = groups.get(f"step {dataset}")
+        if not g:
+            continue
+        any_row = next(iter(g.values()))
+        times = [_fmt(g[p].time_ms, ".4g") if p in g else "—" for p in STEP_ORDER]
+        rows.append(
+            [
+                dataset,
+                str(any_row.info.get("n_classes", "")),
+                *times,
+                _fmt(ratio(groups, f"step {dataset}", "plain", "fused"), ".2f", "×"),
+                _fmt(ratio(groups, f"step {dataset}", "plain", "fused+trim"), ".2f", "×"),
+                _fmt(ratio(groups, f"step {dataset}", "fused", "frozen"), ".2f"),
+                *[_fmt(g[p].peak_mb, ".0f") if p in g else "—" for p in STEP_ORDER],
+                _fmt(ratio(groups, f"step {dataset}", "fused", "plain", memory=True), ".2f"),
+            ]
+        )
+    return rows
+
+
+def layer_rows(groups: dict[str, dict[str, Row]], memory: bool = False) -> list[list[str]]:
+    rows = []
+    for name in sorted(g for g in groups if g.startswith("layer ")):
+        g = groups[name]
+        cells = []
+        for p in LAYER_ORDER:
+            if p not in g:
+                cells.append("—")
+            elif memory:
+                cells.append(_fmt(g[p].peak_mb, ".1f"))
+            else:
+                r = ratio(groups, name, p, "fused")
+                cells.append(f"{g[p].time_ms:.4g} ({_fmt(r, '.2f', '×')})")
+        rows.append([name.removeprefix("layer "), *cells])
+    return rows
+
+
+def render(context: dict, groups: dict[str, dict[str, Row]]) -> str:
+    lines = ["# clip-lora benchmark report", ""]
+    lines += _table(["context", "value"], [[k, str(v)] for k, v in context.items()])
+    lines.append("")
+    claim = context.get("size") != "small" and "CPU" not in str(context.get("device", ""))
+    if not claim:
+        lines += [
+            "> **Reduced-size run** (`small` workloads"
+            + (", CPU" if "CPU" in str(context.get("device", "")) else "")
+            + "): it shows the suite runs end to end. Its times are not the claim; the targets",
+            "> below refer to the full-size workloads on an H100/H200 in bf16.",
+            "",
+        ]
+    lines += ["## Targets (DESIGN.md section 4)", ""]
+    lines += _table(["workload", "ratio", "target", "measured", "status"], target_rows(groups, claim))
+    lines += [
+        "",
+        "## CLIP-LoRA training step per dataset",
+        "",
+        "Times in ms (one step: both towers forward, CE on 100·cos, backward, AdamW; bf16 autocast). "
+        "`plain ÷ fused` is the speed-up of the fused kernels, `plain ÷ fused+trim` adds text trimming, "
+        "`fused ÷ frozen` is how close the fused step comes to the no-LoRA floor. Peak memory in MiB.",
+        "",
+    ]
+    header = ["dataset", "classes", *[f"{p} ms" for p in STEP_ORDER], "plain ÷ fused", "plain ÷ fused+trim"]
+    header += ["fused ÷ frozen", *[f"{p} MiB" for p in STEP_ORDER], "mem fused ÷ plain"]
+    lines += _table(header, step_rows(groups))
+    lines += ["", "## Layers: time in ms (÷ fused, same run)", ""]
+    lines += _table(["group", *LAYER_ORDER], layer_rows(groups))
+    lines += ["", "## Layers: peak memory (MiB, `max_memory_allocated` during one call)", ""]
+    lines += _table(["group", *LAYER_ORDER], layer_rows(groups, memory=True))
+    lines += ["", "`—`: not measured in this run (skipped, or no CUDA memory statistics on CPU).", ""]
+    return "\n".join(lines)
+
+
+# =============================================================================
+# Plots
+# =============================================================================
+
+
+def plot(groups: dict[str, dict[str, Row]], out: Path, device: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    datasets = [d for d in DATASETS if f"step {d}" in groups]
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(10, 4))
+    width = 0.27
+    for i, p in enumerate(("fused", "fused+trim", "frozen")):
+        values = [ratio(groups, f"step {d}", "plain", p) or 0.0 for d in datasets]
+        ax.bar([x + (i - 1) * width for x in range(len(datasets))], values, width, label=f"plain ÷ {p}")
+    ax.axhline(1.25, color="k", ls="--", lw=1, label="target plain ÷ fused ≥ 1.25")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xticks(range(len(datasets)), datasets, rotation=30, ha="right")
+    ax.set_ylabel("speed-up over plain LoRA")
+    ax.set_title(f"CLIP-LoRA training step per dataset ({device})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out / "step_speedup.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(10, 4))
+    has_memory = False
+    width = 0.2
+    for i, p in enumerate(STEP_ORDER):
+        values = [groups[f"step {d}"][p].peak_mb if p in groups[f"step {d}"] else None for d in datasets]
+        has_memory |= any(v is not None for v in values)
+        xs = [x + (i - 1.5) * width for x in range(len(datasets))]
+        ax.bar(xs, [v or 0.0 for v in values], width, label=p)
+    if not has_memory:
+        ax.text(0.5, 0.5, "no CUDA memory statistics in this run", ha="center", transform=ax.transAxes)
+    ax.set_xticks(range(len(datasets)), datasets, rotation=30, ha="right")
+    ax.set_ylabel("peak memory (MiB)")
+    ax.set_title(f"CLIP-LoRA training step: peak memory per dataset ({device})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out / "step_memory.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    sweep = defaultdict(dict)
+    for name, g in groups.items():
+        m = re.fullmatch(r"layer (\S+) bf16 r(\d+) p0\.25 fwd\+bwd", name)
+        if m and m.group(1).startswith("vitb16-vision-qkv"):
+            for p, row in g.items():
+                sweep[p][int(m.group(2))] = row.time_ms
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for p in LAYER_ORDER:
+        if sweep.get(p):
+            ranks = sorted(sweep[p])
+            ax.plot(ranks, [sweep[p][r] for r in ranks], marker="o", label=p)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("rank r")
+    ax.set_ylabel("forward + backward (ms)")
+    ax.set_title(f"ViT-B/16 vision qkv layer, bf16 ({device})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out / "layer_rank_sweep.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.splitlines()[0])
+    parser.add_argument("json", type=Path, help="pytest-benchmark JSON (--benchmark-json)")
+    parser.add_argument("--out", type=Path, required=True, help="output directory for report.md and the PNGs")
+    args = parser.parse_args(argv)
+    context, groups = load_rows(args.json)
+    if not groups:
+        parser.error(f"{args.json} holds no clip-lora benchmarks (run pytest bench/ --benchmark-only first)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "report.md").write_text(render(context, groups))
+    paths = plot(groups, args.out, str(context.get("device", "unknown device")))
+    print(f"wrote {args.out / 'report.md'} and {', '.join(str(p) for p in paths)}")
+
+
+if __name__ == "__main__":
+    main()
