@@ -287,7 +287,13 @@ def _load_fgvc(root: str) -> DatasetSplits:
                 samples.append(Sample(os.path.join(image_root, parts[0] + ".jpg"), label_of[parts[1]], parts[1]))
         splits[split] = samples
     return DatasetSplits(
-        "fgvc_aircraft", classnames, splits["train"], splits["val"], splits["test"], image_root, LAYOUTS["fgvc_aircraft"]
+        "fgvc_aircraft",
+        classnames,
+        splits["train"],
+        splits["val"],
+        splits["test"],
+        image_root,
+        LAYOUTS["fgvc_aircraft"],
     )
 
 
@@ -303,9 +309,7 @@ def imagenet_classes() -> list[tuple[str, str]]:
 
 
 def _list_images(folder: str) -> list[str]:
-    return sorted(
-        e.name for e in os.scandir(folder) if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)
-    )
+    return sorted(e.name for e in os.scandir(folder) if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
 
 
 def _load_imagenet(root: str) -> DatasetSplits:
@@ -320,7 +324,9 @@ def _load_imagenet(root: str) -> DatasetSplits:
     if not os.path.isdir(image_root) and os.path.isdir(os.path.join(folder, "train")):
         image_root = folder  # CLIP-LoRA's code reads imagenet/train and imagenet/val directly
     _require_dir(os.path.join(image_root, "train"), f"ImageNet's training images ({LAYOUTS['imagenet']})")
-    _require_dir(os.path.join(image_root, "val"), f"ImageNet's validation images in wnid folders ({LAYOUTS['imagenet']})")
+    _require_dir(
+        os.path.join(image_root, "val"), f"ImageNet's validation images in wnid folders ({LAYOUTS['imagenet']})"
+    )
     pairs = imagenet_classes()
     label_of = {w: i for i, (w, _) in enumerate(pairs)}
     classnames = [n for _, n in pairs]

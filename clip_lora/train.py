@@ -1,0 +1,690 @@
+"""The paper's few-shot training recipe (CLIP-LoRA, Zanella & Ben Ayed 2024).
+
+One run = one dataset x shots x seed.  Defaults are the paper's fixed hyper-parameters:
+AdamW (lr 2e-4, wd 1e-2, betas 0.9/0.999), cosine to 1e-6 stepped every iteration with
+no warm-up, batch 32, 500 x shots iterations, fp16 autocast + GradScaler on GPU, loss
+CE(100 * cos(image, text)) where every step encodes every class prompt through the
+(LoRA-adapted) text tower.
+
+The run folder receives (atomically, rank 0 only): ``config.json``, ``few_shot.json``
+(the drawn training images), ``checkpoint.pt`` every ``checkpoint_every`` iterations,
+``adapter.safetensors`` (+ its JSON config), ``metrics.json`` and ``train.log``.
+
+Reproducibility: the batch order is a function of (seed, iteration), each image's
+augmentation is seeded by (seed, iteration, position in the global batch), and the
+checkpoint holds every rank's RNG state (LoRA dropout draws its seeds from torch's
+generator), so a resumed run ends with the same adapter as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.transforms as T
+
+from .config import LoRAConfig
+from .data import (
+    DatasetSplits,
+    ImageDataset,
+    Sample,
+    check_shots,
+    display_name,
+    load_dataset,
+    sample_few_shot,
+    save_few_shot,
+)
+from .evaluate import LOGIT_SCALE, TEMPLATE, autocast, evaluate, resolve_precision, text_features
+from .text import class_prompts, encode_text_trimmed
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+RANDOM_INIT_WARNING = (
+    "\n" + "!" * 78 + "\n"
+    "!!  WARNING: no pretrained weights (--pretrained not given): the model is RANDOMLY\n"
+    "!!  INITIALISED. Accuracies mean nothing for CLIP; use --pretrained openai or a\n"
+    "!!  local checkpoint path to reproduce the paper.\n" + "!" * 78
+)
+ADAPTER_FILE = "adapter.safetensors"
+CHECKPOINT_FILE = "checkpoint.pt"
+METRICS_FILE = "metrics.json"
+FEW_SHOT_FILE = "few_shot.json"
+
+# Settings that do not change the numbers: a resumed run may differ in these.
+_NON_RECIPE_FIELDS = {"output", "root", "num_workers", "checkpoint_every", "progress", "eval_batch_size", "device"}
+
+
+@dataclass
+class TrainConfig:
+    """One CLIP-LoRA run; every default is the paper's.
+
+    Attributes:
+        dataset: a dataset name (see ``clip_lora.data.LAYOUTS``), or "folder".
+        root: the data root ($DATA), or the dataset folder itself for "folder".
+        output: the run folder.
+        shots: images per class; seed: the few-shot draw and every random stream.
+        model / pretrained: open_clip name (or a model-config JSON path, see
+            ``register_model_config``) and weights ("openai", a checkpoint path, or None
+            for a random init).
+        image_size: override the model's input size (small CPU runs only).
+        lora: where adapters go and their rank/alpha/dropout/scaling.
+        fused: fused Triton kernels (True) or the plain PyTorch LoRA provider.
+        lr, weight_decay, betas: AdamW; eta_min: the cosine schedule's floor.
+        batch_size: the global batch (split across processes under torchrun).
+        iters_per_shot / iterations: total iterations are ``iters_per_shot * shots``
+            unless ``iterations`` is given.
+        precision: "auto" (fp16 + GradScaler on GPU, fp32 on CPU), "fp16", "bf16", "fp32".
+        logit_scale / template: the loss temperature and the class prompt.
+        checkpoint_every: iterations between resumable checkpoints (0: never).
+        zero_shot: measure test accuracy before training as well.
+    """
+
+    dataset: str
+    root: str
+    output: str
+    shots: int = 16
+    seed: int = 1
+    model: str = "ViT-B-16"
+    pretrained: str | None = None
+    image_size: int | None = None
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    fused: bool = True
+    lr: float = 2e-4
+    weight_decay: float = 1e-2
+    betas: tuple[float, float] = (0.9, 0.999)
+    eta_min: float = 1e-6
+    batch_size: int = 32
+    iters_per_shot: int = 500
+    iterations: int | None = None
+    precision: str = "auto"
+    logit_scale: float = LOGIT_SCALE
+    template: str = TEMPLATE
+    eval_batch_size: int = 128
+    num_workers: int = 4
+    checkpoint_every: int = 500
+    zero_shot: bool = True
+    device: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_shots(self.shots)
+        if isinstance(self.lora, dict):
+            self.lora = LoRAConfig.from_dict(self.lora)
+        self.betas = tuple(self.betas)
+        for name in ("batch_size", "iters_per_shot", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.iterations is not None and self.iterations < 1:
+            raise ValueError(f"iterations must be >= 1, got {self.iterations}")
+        if not self.lr > 0 or self.weight_decay < 0 or not 0 <= self.eta_min <= self.lr:
+            raise ValueError("need lr > 0, weight_decay >= 0 and 0 <= eta_min <= lr")
+        if self.checkpoint_every < 0 or self.num_workers < 0:
+            raise ValueError("checkpoint_every and num_workers must be >= 0")
+        if "{}" not in self.template:
+            raise ValueError(f"template must contain '{{}}' for the class name, got {self.template!r}")
+        resolve_precision(self.precision, torch.device("cpu"))  # validates the name only
+
+    @property
+    def total_iterations(self) -> int:
+        return self.iterations if self.iterations is not None else self.iters_per_shot * self.shots
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["lora"] = self.lora.to_dict()
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {unknown}")
+        return cls(**d)
+
+    def recipe(self) -> dict[str, Any]:
+        """The fields that determine the numbers (checked when resuming)."""
+        return {k: v for k, v in self.to_dict().items() if k not in _NON_RECIPE_FIELDS}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Write JSON atomically (temp file + rename), so a crash never leaves half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def register_model_config(model: str) -> str:
+    """Accept a path to an open_clip model-config JSON as ``model``: register it, return its name."""
+    if model.endswith(".json") and os.path.isfile(model):
+        import open_clip
+
+        open_clip.add_model_config(model)
+        return os.path.splitext(os.path.basename(model))[0]
+    return model
+
+
+def train_transform(image_size: int | tuple[int, int], mean=CLIP_MEAN, std=CLIP_STD) -> Callable:
+    """The paper's augmentation: RandomResizedCrop(scale 0.08-1, bicubic), flip, CLIP mean/std."""
+    return T.Compose(
+        [
+            T.RandomResizedCrop(image_size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(p=0.5),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
+
+
+class BatchPlan:
+    """Which images make up iteration ``it``'s global batch, and their augmentation seeds.
+
+    Epochs are seeded permutations of the few-shot set; the last batch of an epoch may
+    be short (the official loader keeps it: ``drop_last=False``).  Everything is a pure
+    function of (seed, iteration), so resuming needs no sampler state.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.per_epoch = math.ceil(n / batch_size)
+        self._epoch, self._perm = -1, None
+
+    def smallest_batch(self) -> int:
+        return self.n - (self.per_epoch - 1) * self.batch_size
+
+    def batch(self, it: int) -> list[tuple[int, int]]:
+        epoch, j = divmod(it, self.per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g).tolist()
+        idx = self._perm[j * self.batch_size : (j + 1) * self.batch_size]
+        base = (self.seed * 1_000_003 + it) * 4096
+        return [(i, (base + pos) % (2**62)) for pos, i in enumerate(idx)]
+
+
+class _RankBatches(torch.utils.data.Sampler):
+    """This rank's contiguous slice of each global batch, for iterations ``start..stop-1``."""
+
+    def __init__(self, plan: BatchPlan, start: int, stop: int, rank: int, world: int):
+        self.plan, self.start, self.stop, self.rank, self.world = plan, start, stop, rank, world
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for it in range(self.start, self.stop):
+            batch = self.plan.batch(it)
+            lo, hi = _shard_bounds(len(batch), self.rank, self.world)
+            yield batch[lo:hi]
+
+
+def _shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Contiguous split of n items into ``world`` parts, sizes differing by at most one."""
+    base, extra = divmod(n, world)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (1 if rank < extra else 0)
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather equal-sized row blocks; backward sums the gradient over ranks and keeps
+    this rank's block (rank r's text features enter every rank's logits)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _peak_memory(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
+    # ru_maxrss is in KiB on Linux: the process's peak resident memory (model + data + Python).
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_max_rss"
+
+
+class _Log:
+    """Lines to the console (above the progress bar) and to ``train.log``; rank 0 only."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+
+    def __call__(self, msg: str) -> None:
+        if self.path is None:
+            return
+        from tqdm.auto import tqdm
+
+        tqdm.write(msg, file=sys.stderr)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(msg + "\n")
+
+
+def init_distributed() -> tuple[int, int, torch.device, bool]:
+    """(rank, world size, device, whether we created the process group) under torchrun.
+
+    NCCL on GPU, gloo on CPU.  Without torchrun's environment: one process.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world == 1:
+        return 0, 1, device, False
+    created = False
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=device if cuda else None)
+        created = True
+    if not cuda:
+        # N processes on one CPU: do not oversubscribe the cores.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    return dist.get_rank(), dist.get_world_size(), device, created
+
+
+def build_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Callable, Callable]:
+    """The LoRA-patched open_clip model, its test transform and tokenizer; seeded, so a
+    random-init model is the same on every rank and in every run."""
+    from .model import create_model
+
+    if cfg.pretrained is None:
+        print(RANDOM_INIT_WARNING, file=sys.stderr)
+    kwargs = {"force_image_size": cfg.image_size} if cfg.image_size else {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*[Mm]odel initialized randomly.*")
+            model, _, preprocess_val, tokenizer = create_model(
+                register_model_config(cfg.model), pretrained=cfg.pretrained, lora=cfg.lora, fused=cfg.fused, **kwargs
+            )
+    return model.to(device), preprocess_val, tokenizer
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _loss_sum(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    tokens: torch.Tensor | None,
+    fixed_text: torch.Tensor | None,
+    num_classes: int,
+    train_vision: bool,
+    precision: str,
+    logit_scale: float,
+    rank: int,
+    world: int,
+) -> torch.Tensor:
+    """Summed cross-entropy of this rank's images against all class prompts.
+
+    Text work under torchrun: each rank encodes only its contiguous shard of the class
+    prompts and the features are all-gathered (``_GatherRows``).  That is exact, not an
+    approximation: the loss is a sum over ranks' images, every rank's logits need all C
+    text features, and the gather's backward sums each shard's feature gradient over
+    ranks, so rank r back-propagates d(global loss)/d(its shard) through the text tower;
+    summing the LoRA gradients over ranks then gives the single-process gradient.  The
+    alternative, every rank encoding all C prompts, repeats the text tower (which
+    dominates an ImageNet step: 1000 prompts vs 32 images) world-size times for nothing.
+    """
+    device = images.device
+    with autocast(precision, device):
+        if tokens is not None:
+            lo, hi = _shard_bounds(num_classes, rank, world)
+            rows = math.ceil(num_classes / world)
+            txt = F.normalize(encode_text_trimmed(model, tokens[lo:hi]).float(), dim=-1)
+            if world > 1:
+                # Pad to equal blocks for all_gather; the padding rows are sliced away again.
+                txt = _GatherRows.apply(F.pad(txt, (0, 0, 0, rows - (hi - lo))))
+                txt = torch.cat([txt[r * rows : r * rows + (b - a)] for r, (a, b) in _all_bounds(num_classes, world)])
+        else:
+            txt = fixed_text
+        with torch.set_grad_enabled(train_vision):
+            img = model.encode_image(images)
+    img = F.normalize(img.float(), dim=-1)
+    logits = logit_scale * img @ txt.t()
+    return F.cross_entropy(logits, labels, reduction="sum")
+
+
+def _all_bounds(n: int, world: int) -> list[tuple[int, tuple[int, int]]]:
+    return [(r, _shard_bounds(n, r, world)) for r in range(world)]
+
+
+def _all_reduce_grads(params: Sequence[nn.Parameter]) -> None:
+    """Sum the LoRA gradients over ranks in one flat all-reduce.
+
+    Why not wrap in DistributedDataParallel: DDP's value is overlapping many bucketed
+    all-reduces with the backward of a large model; here the trainable set is a few
+    hundred thousand floats, and one all-reduce after backward keeps every collective
+    (this one and the text gather's) in a fixed order on all ranks.
+    """
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset : offset + n].view_as(p).clone()
+        offset += n
+
+
+def _few_shot(cfg: TrainConfig, data: DatasetSplits) -> list[Sample]:
+    if not data.train:
+        raise ValueError(f"{cfg.dataset}: the train split is empty")
+    return sample_few_shot(data.train, cfg.shots, cfg.seed)
+
+
+def train(cfg: TrainConfig, *, stop_after: int | None = None) -> dict[str, Any]:
+    """Run (or resume) one CLIP-LoRA training; returns the metrics written to ``metrics.json``.
+
+    ``stop_after``: stop once that many iterations are done and checkpointed, as if the
+    job had been killed there (returns ``{"interrupted": True, ...}``); calling
+    ``train`` again on the same folder resumes.
+    """
+    from .adapters import save_adapter
+
+    rank, world, device, created_group = init_distributed()
+    if cfg.device:
+        device = torch.device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    try:
+        return _train(cfg, rank, world, device, precision, stop_after, save_adapter)
+    finally:
+        if created_group:
+            dist.destroy_process_group()
+
+
+def _train(cfg, rank, world, device, precision, stop_after, save_adapter) -> dict[str, Any]:
+    main = rank == 0
+    os.makedirs(cfg.output, exist_ok=True)
+    log = _Log(os.path.join(cfg.output, "train.log") if main else None)
+    ckpt_path = os.path.join(cfg.output, CHECKPOINT_FILE)
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False) if os.path.exists(ckpt_path) else None
+    if ckpt is not None and ckpt["recipe"] != cfg.recipe():
+        diff = sorted(k for k in cfg.recipe() if ckpt["recipe"].get(k) != cfg.recipe()[k])
+        raise ValueError(
+            f"{ckpt_path} was written by a different configuration (differs in {diff}); "
+            "use another --output folder or delete the checkpoint"
+        )
+
+    data = load_dataset(cfg.dataset, cfg.root)
+    shots = _few_shot(cfg, data)
+    total = cfg.total_iterations
+    plan = BatchPlan(len(shots), min(cfg.batch_size, len(shots)), cfg.seed)
+    if world > data.num_classes and cfg.lora.encoder != "vision":
+        raise ValueError(f"{world} processes but only {data.num_classes} classes to share the text tower between")
+    if plan.smallest_batch() < world:
+        raise ValueError(
+            f"{world} processes but some batches hold only {plan.smallest_batch()} images; "
+            "use fewer processes or more shots"
+        )
+    if main:
+        write_json(os.path.join(cfg.output, "config.json"), cfg.to_dict())
+        save_few_shot(
+            os.path.join(cfg.output, FEW_SHOT_FILE),
+            shots,
+            image_root=data.image_root,
+            dataset=data.name,
+            shots=cfg.shots,
+            seed=cfg.seed,
+        )
+        log(
+            f"{display_name(cfg.dataset)}: {data.num_classes} classes, {len(shots)} training images "
+            f"({cfg.shots} shots, seed {cfg.seed}), {len(data.test)} test images; {total} iterations, "
+            f"batch {plan.batch_size} over {world} process(es), {precision} on {device.type}, "
+            f"{'fused' if cfg.fused else 'plain'} LoRA {cfg.lora.to_dict()}"
+        )
+
+    model, preprocess_val, tokenizer = build_model(cfg, device)
+    from .patch import lora_parameters
+
+    params = lora_parameters(model)
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    names = [name_of[id(p)] for p in params]
+    train_text = cfg.lora.encoder in ("text", "both")
+    train_vision = cfg.lora.encoder in ("vision", "both")
+    tokens = tokenizer(class_prompts(data.classnames, cfg.template)).to(device)
+    image_size = model.visual.image_size
+    # open_clip records each checkpoint's normalisation; OpenAI weights use CLIP's mean/std.
+    mean = getattr(model.visual, "image_mean", None) or CLIP_MEAN
+    std = getattr(model.visual, "image_std", None) or CLIP_STD
+
+    def run_eval() -> dict[str, Any]:
+        return evaluate(
+            model,
+            data.test,
+            data.classnames,
+            transform=preprocess_val,
+            tokenizer=tokenizer,
+            device=device,
+            precision=precision,
+            batch_size=cfg.eval_batch_size,
+            num_workers=cfg.num_workers,
+            template=cfg.template,
+            progress=cfg.progress,
+        ).to_dict()
+
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total, eta_min=cfg.eta_min)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    if ckpt is None:
+        start, losses, train_seconds = 0, [], 0.0
+        zero_shot = run_eval() if cfg.zero_shot else None
+        if main and zero_shot:
+            log(f"zero-shot test accuracy: {zero_shot['accuracy']:.2f}%")
+        # The training stream (LoRA dropout seeds) per rank, independent of anything above.
+        torch.manual_seed(cfg.seed * 7919 + rank)
+        random.seed(cfg.seed * 7919 + rank)
+    else:
+        start, losses, train_seconds = ckpt["iteration"], list(ckpt["losses"]), ckpt["train_seconds"]
+        zero_shot = ckpt["zero_shot"]
+        with torch.no_grad():
+            for n, p in zip(names, params, strict=True):
+                p.copy_(ckpt["trainable"][n])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        if len(ckpt["rng"]) != world:
+            raise ValueError(f"{ckpt_path} holds {len(ckpt['rng'])} ranks' RNG state; resume with that many processes")
+        _set_rng_state(ckpt["rng"][rank])
+        if main:
+            log(f"resumed from {ckpt_path} at iteration {start}/{total}")
+    del ckpt
+
+    fixed_text = None
+    if not train_text:  # the text tower is frozen: its features are constants, encode them once
+        model.eval()
+        fixed_text = text_features(model, tokens, precision=precision)
+
+    loader = torch.utils.data.DataLoader(
+        ImageDataset(shots, train_transform(image_size, mean, std)),
+        batch_sampler=_RankBatches(plan, start, total, rank, world),
+        num_workers=cfg.num_workers,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator(),  # keep the global RNG (dropout seeds) untouched
+    )
+
+    def save_checkpoint(done: int) -> None:
+        rng = [None] * world
+        if world > 1:
+            dist.all_gather_object(rng, _rng_state())
+        else:
+            rng[0] = _rng_state()
+        if main:
+            state = {
+                "iteration": done,
+                "recipe": cfg.recipe(),
+                "trainable": {n: p.detach().cpu().clone() for n, p in zip(names, params, strict=True)},
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": rng,
+                "losses": losses,
+                "zero_shot": zero_shot,
+                "train_seconds": train_seconds + time.perf_counter() - t0,
+            }
+            tmp = f"{ckpt_path}.tmp{os.getpid()}"
+            torch.save(state, tmp)
+            os.replace(tmp, ckpt_path)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model.train()
+    bar = None
+    if main and cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=start, desc="train", unit="it", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    pending: list[torch.Tensor] = []  # losses not yet copied to the host (avoid a sync per step)
+    seen = 0
+    it = start
+    for images, labels in loader:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        global_batch = len(plan.batch(it))
+        loss_sum = _loss_sum(
+            model,
+            images,
+            labels,
+            tokens=tokens if train_text else None,
+            fixed_text=fixed_text,
+            num_classes=data.num_classes,
+            train_vision=train_vision,
+            precision=precision,
+            logit_scale=cfg.logit_scale,
+            rank=rank,
+            world=world,
+        )
+        # Each rank's share of the global mean; the gradients are then summed over ranks.
+        loss = loss_sum / global_batch
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if world > 1:
+            _all_reduce_grads(params)
+            loss = loss.detach().clone()
+            dist.all_reduce(loss)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        pending.append(loss.detach())
+        seen += global_batch
+        it += 1
+        if bar is not None and (it % 10 == 0 or it == total):
+            losses.extend(torch.stack(pending).float().cpu().tolist())
+            pending.clear()
+            elapsed = time.perf_counter() - t0
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", img_s=f"{seen / max(elapsed, 1e-9):.1f}")
+            bar.update(it - bar.n)
+        if (cfg.checkpoint_every and it % cfg.checkpoint_every == 0 and it < total) or it == stop_after:
+            if pending:
+                losses.extend(torch.stack(pending).float().cpu().tolist())
+                pending.clear()
+            save_checkpoint(it)
+            if main:
+                log(f"iteration {it}/{total}: loss {losses[-1]:.4f}, lr {scheduler.get_last_lr()[0]:.3e}")
+        if it == stop_after:
+            if bar is not None:
+                bar.close()
+            return {"interrupted": True, "iteration": it}
+    if pending:
+        losses.extend(torch.stack(pending).float().cpu().tolist())
+    if bar is not None:
+        bar.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    train_seconds += time.perf_counter() - t0
+    peak, peak_kind = _peak_memory(device)
+
+    final = run_eval()
+    metrics = {
+        "dataset": data.name,
+        "display_name": display_name(cfg.dataset),
+        "shots": cfg.shots,
+        "seed": cfg.seed,
+        "model": cfg.model,
+        "pretrained": cfg.pretrained,
+        "fused": cfg.fused,
+        "lora": cfg.lora.to_dict(),
+        "iterations": total,
+        "world_size": world,
+        "device": device.type,
+        "precision": precision,
+        "zero_shot_accuracy": zero_shot["accuracy"] if zero_shot else None,
+        "accuracy": final["accuracy"],
+        "correct": final["correct"],
+        "test_images": final["total"],
+        "per_class_accuracy": final["per_class"],
+        "zero_shot_per_class_accuracy": zero_shot["per_class"] if zero_shot else None,
+        "classnames": data.classnames,
+        "train_seconds": train_seconds,
+        "peak_memory_bytes": peak,
+        "peak_memory_kind": peak_kind,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "loss_curve": losses,
+        "versions": _versions(),
+    }
+    if main:
+        save_adapter(model, os.path.join(cfg.output, ADAPTER_FILE))
+        write_json(os.path.join(cfg.output, METRICS_FILE), metrics)
+        zs = f"zero-shot {zero_shot['accuracy']:.2f}% -> " if zero_shot else ""
+        log(
+            f"done: {zs}test accuracy {final['accuracy']:.2f}% ({final['correct']}/{final['total']}), "
+            f"{train_seconds:.1f}s training, peak memory {peak / 2**20:.0f} MiB ({peak_kind})"
+        )
+    return metrics
+
+
+def _versions() -> dict[str, str]:
+    import open_clip
+
+    out = {"torch": torch.__version__, "open_clip": open_clip.__version__, "python": sys.version.split()[0]}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:  # CPU-only installs may lack triton
+        pass
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name()
+    return out
