@@ -1,0 +1,141 @@
+"""The benchmark suite's harness on CPU: checks, pytest-benchmark records, report.
+
+Not a timing test: nothing here asserts a speed.  It runs a subset of ``bench/`` at the
+reduced size in a subprocess (as a user would, ``--benchmark-only --benchmark-json``),
+then ``python -m bench.report`` on the JSON, and checks what they wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import providers, report, workloads
+
+REPO = Path(__file__).resolve().parents[1]
+
+LAYER_GROUP = "layer vitb16-vision-qkv bf16 r2 p0.25 fwd+bwd"
+LAYER_IDS = [f"bench/test_layer.py::test_layer[vitb16-vision-qkv-bf16-fwd+bwd-{p}]" for p in providers.LAYER_PROVIDERS]
+STEP_IDS = [f"bench/test_step.py::test_step[EuroSAT-{p}]" for p in providers.STEP_PROVIDERS]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory) -> tuple[dict, Path]:
+    """A CPU run of one layer group (all 5 providers) and one step group (all 4)."""
+    out = tmp_path_factory.mktemp("bench")
+    json_path = out / "run.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the suite never uses it
+    env.update(CUDA_VISIBLE_DEVICES="", CLIP_LORA_BENCH_SIZE="small", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "pytest", *LAYER_IDS, *STEP_IDS, "--benchmark-only"]
+    cmd += [f"--benchmark-json={json_path}", "-p", "no:cacheprovider", "-q", "-o", "addopts="]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return json.loads(json_path.read_text()), json_path
+
+
+def test_every_provider_is_checked_and_recorded(bench_run):
+    data, _ = bench_run
+    by_group: dict[str, dict[str, dict]] = {}
+    for b in data["benchmarks"]:
+        by_group.setdefault(b["group"], {})[b["extra_info"]["provider"]] = b
+    assert set(by_group[LAYER_GROUP]) == set(providers.LAYER_PROVIDERS)
+    assert set(by_group["step EuroSAT"]) == set(providers.STEP_PROVIDERS)
+    for b in data["benchmarks"]:
+        info = b["extra_info"]
+        assert info["size"] == "small" and info["device"] == "cpu"
+        assert info["time_ms"] > 0 and info["flops"] > 0 and info["tflops"] > 0
+        assert info["time_ms"] == pytest.approx(b["stats"]["median"] * 1e3)
+        assert b["stats"]["rounds"] >= 3
+        errs, tol = info["check_rel_err"], info["check_tol"]
+        if info["kind"] == "layer":
+            # y, dX, and per slot dA, dB (frozen: y and dX only)
+            assert len(errs) == (2 if info["provider"] == "frozen" else 2 + 2 * info["slots"])
+            assert all(0 <= e <= tol for e in errs.values()), (info["provider"], errs)
+        else:
+            for precision in ("fp32", "bf16"):
+                assert set(errs[precision]) == {"logits", "loss", "grads"}
+                assert all(0 <= e <= tol[precision] for e in errs[precision].values()), (info["provider"], errs)
+    # The step workload is the reduced EuroSAT: the tiny model, 2 classes, 4 images.
+    step = by_group["step EuroSAT"]["fused"]["extra_info"]
+    assert (step["model"], step["n_classes"], step["batch"]) == (workloads.TINY_MODEL, 2, 4)
+    assert step["flops"] == workloads.step_flops(workloads.step_workloads("small")[-1])
+    ctx = data["machine_info"]["clip_lora_bench"]
+    assert ctx["torch"] == torch.__version__ and ctx["triton"] and ctx["date"] and ctx["size"] == "small"
+
+
+def test_report_from_the_run(bench_run, tmp_path):
+    data, json_path = bench_run
+    report.main([str(json_path), "--out", str(tmp_path / "rep")])
+    md = (tmp_path / "rep" / "report.md").read_text()
+    for name in ("step_speedup.png", "step_memory.png", "layer_rank_sweep.png"):
+        png = (tmp_path / "rep" / name).read_bytes()
+        assert png.startswith(PNG_MAGIC) and len(png) > 5000
+    assert "n/a (reduced-size run)" in md and "**not met**" not in md
+    times = {
+        b["extra_info"]["provider"]: b["extra_info"]["time_ms"]
+        for b in data["benchmarks"]
+        if b["group"] == "step EuroSAT"
+    }
+    step_line = next(line for line in md.splitlines() if line.startswith("| EuroSAT |"))
+    assert f"| {times['plain'] / times['fused']:.2f}× |" in step_line
+    assert f"| {times['fused'] / times['frozen']:.2f} |" in step_line
+    layer_line = next(line for line in md.splitlines() if line.startswith(f"| {LAYER_GROUP.removeprefix('layer ')} |"))
+    assert "(1.00×)" in layer_line and layer_line.count("×") == len(providers.LAYER_PROVIDERS)
+
+
+def _bench(group: str, provider: str, time_ms: float, peak: float | None = None, **info) -> dict:
+    extra = {"provider": provider, "time_ms": time_ms, "peak_mem_mb": peak, **info}
+    return {"group": group, "name": f"{group}-{provider}", "extra_info": extra, "stats": {"median": time_ms / 1e3}}
+
+
+def test_report_verdicts_on_a_gpu_shaped_json(tmp_path):
+    """Target verdicts on hand-made numbers: a full-size GPU run is judged, per target."""
+    layer = dict(kind="layer", workload="vitb16-vision-qkv")
+    benches = [
+        _bench(LAYER_GROUP, "fused", 1.0, **layer),
+        _bench(LAYER_GROUP, "frozen", 0.9, **layer),  # fused ÷ frozen 1.11: met
+        _bench(LAYER_GROUP, "plain", 2.0, **layer),  # 2.0: met
+        _bench(LAYER_GROUP, "official-style", 2.5, **layer),  # 2.5 < 3: not met
+        _bench("step ImageNet", "fused", 100.0, 1000.0, kind="step", n_classes=1000),
+        _bench("step ImageNet", "plain", 150.0, 2000.0, kind="step", n_classes=1000),
+    ]
+    path = tmp_path / "gpu.json"
+    ctx = {"device": "NVIDIA H100 80GB HBM3", "size": "full", "torch": "2.11.0", "triton": "3.6.0"}
+    path.write_text(json.dumps({"machine_info": {"clip_lora_bench": ctx}, "benchmarks": benches}))
+    report.main([str(path), "--out", str(tmp_path / "rep")])
+    rows = {
+        tuple(cells[1:3]): cells[3:]
+        for line in (tmp_path / "rep" / "report.md").read_text().splitlines()
+        if (cells := [c.strip() for c in line.strip("|").split("|")]) and len(cells) == 5
+    }
+    assert rows[("layer vitb16-vision-qkv, bf16 r2 p0.25", "fused ÷ frozen (fwd+bwd)")] == ["≤ 1.15", "1.11", "met"]
+    assert rows[("layer vitb16-vision-qkv, bf16 r2 p0.25", "plain ÷ fused")] == ["≥ 1.8", "2.00", "met"]
+    assert rows[("layer vitb16-vision-qkv, bf16 r2 p0.25", "official-style ÷ fused")][1:] == ["2.50", "**not met**"]
+    assert rows[("layer vitb16-vision-qkv, bf16 r2 p0.25", "plain+compile ÷ fused")][1:] == ["—", "not measured"]
+    assert rows[("step ImageNet", "plain ÷ fused")] == ["≥ 1.25", "1.50", "met"]
+    assert rows[("step ImageNet", "peak memory fused ÷ plain")] == ["≤ 0.8", "0.50", "met"]
+    assert rows[("step EuroSAT", "plain ÷ fused")][1:] == ["—", "not measured"]
+
+
+def test_layer_check_catches_a_wrong_provider(monkeypatch):
+    """The check before timing is not vacuous: a provider off by a wrong scale fails it."""
+    shape = workloads.layer_shapes("small")[0]
+    case = providers.make_layer_case(shape, torch.bfloat16, 2, 0.25, "cpu")
+    for name in ("fused", "plain", "official-style", "frozen"):
+        errs = providers.check_layer(name, case)
+        assert all(e <= providers.TOLERANCES[torch.bfloat16] for e in errs.values())
+    real = providers.lora_kernels.plain_lora_linear
+
+    def wrong_scale(*args, scale, **kwargs):
+        return real(*args, scale=1.5 * scale, **kwargs)
+
+    monkeypatch.setattr(providers.lora_kernels, "plain_lora_linear", wrong_scale)
+    with pytest.raises(AssertionError, match="relative error above"):
+        providers.check_layer("plain", case)
