@@ -179,6 +179,7 @@ class LoRAAttention(nn.Module):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # B = 0: a fresh adapter changes nothing
         self.merged = False
         self._unmerged: dict[str, torch.Tensor] = {}
+        self.train(attn.training)  # a patched eval model stays in eval mode
 
     # -- projections ---------------------------------------------------------
 
@@ -263,7 +264,11 @@ class LoRAAttention(nn.Module):
         the module is not changed."""
         out: dict[str, torch.Tensor] = {}
         if self.merged:
-            return {"in_proj_weight": self.in_proj_weight.detach(), "out_proj.weight": self.out_proj.weight.detach()}
+            # Copies: unmerge() restores these very tensors in place.
+            return {
+                "in_proj_weight": self.in_proj_weight.detach().clone(),
+                "out_proj.weight": self.out_proj.weight.detach().clone(),
+            }
         for p, (weight, rows) in self._targets().items():
             key = "out_proj.weight" if p == "o" else "in_proj_weight"
             w = out.setdefault(key, weight.detach().clone())
