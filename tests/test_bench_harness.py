@@ -111,7 +111,7 @@ def test_report_verdicts_on_a_gpu_shaped_json(tmp_path):
     path.write_text(json.dumps({"machine_info": {"clip_lora_bench": ctx}, "benchmarks": benches}))
     report.main([str(path), "--out", str(tmp_path / "rep")])
     rows = {
-        tuple(cells[1:3]): cells[3:]
+        tuple(cells[:2]): cells[2:]
         for line in (tmp_path / "rep" / "report.md").read_text().splitlines()
         if (cells := [c.strip() for c in line.strip("|").split("|")]) and len(cells) == 5
     }
