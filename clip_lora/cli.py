@@ -289,18 +289,28 @@ def results_table(base: str, datasets: Sequence[str], model: str, shots: Sequenc
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
     from .data import PAPER_DATASETS, canonical_name
-    from .train import train, write_json
+    from .train import init_distributed, train, write_json
 
     datasets = list(PAPER_DATASETS) if args.datasets == ["all"] else [canonical_name(d) for d in args.datasets]
     if not args.table_only:
-        for d in datasets:
-            for k in args.shots:
-                for seed in args.seeds:
-                    out = run_folder(args.output, d, args.model, k, seed)
-                    if os.path.isfile(os.path.join(out, "metrics.json")):
-                        continue  # finished earlier: reproduce is restartable
-                    train(_train_config(args, d, k, seed, out))
+        # One process group for all runs under torchrun (train() reuses it).
+        _, _, _, created = init_distributed()
+        try:
+            for d in datasets:
+                for k in args.shots:
+                    for seed in args.seeds:
+                        out = run_folder(args.output, d, args.model, k, seed)
+                        if os.path.isfile(os.path.join(out, "metrics.json")):
+                            continue  # finished earlier: reproduce is restartable
+                        train(_train_config(args, d, k, seed, out))
+                        if dist.is_initialized():
+                            dist.barrier()  # every rank sees the same finished runs before moving on
+        finally:
+            if created:
+                dist.destroy_process_group()
     if not _is_main():
         return 0
     md, table_csv, missing = results_table(args.output, datasets, args.model, args.shots, args.seeds)
@@ -336,10 +346,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """make-synthetic + a short training + re-evaluation of the saved adapter, on CPU."""
     import time
 
+    import torch
+
     from .config import LoRAConfig
     from .data import make_synthetic
     from .train import TrainConfig, train
 
+    # On CPU the plain PyTorch LoRA is the fast path; the fused kernels are for GPUs.
+    fused = torch.cuda.is_available() if args.fused is None else args.fused
     t0 = time.perf_counter()
     data_root = os.path.join(args.output, "data")
     make_synthetic(data_root, num_classes=6, train_per_class=16, test_per_class=20, image_size=32, seed=0)
@@ -359,6 +373,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         # CLIP over 500 x shots iterations) would need thousands of steps here.
         lr=args.lr,
         iterations=args.iterations,
+        fused=fused,
         num_workers=0,
         checkpoint_every=0,
     )
@@ -445,6 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="default: a tiny CLIP-architecture config written to --output")
     p.add_argument("--pretrained", type=_pretrained, default=None)
     p.add_argument("--image-size", type=int, default=None)
+    p.add_argument(
+        "--fused", action=argparse.BooleanOptionalAction, default=None, help="default: fused on GPU, plain on CPU"
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("datasets", help="print the folder layout each dataset expects")

@@ -77,8 +77,8 @@ class TrainConfig:
         output: the run folder.
         shots: images per class; seed: the few-shot draw and every random stream.
         model / pretrained: open_clip name (or a model-config JSON path, see
-            ``register_model_config``) and weights ("openai", a checkpoint path, or None
-            for a random init).
+            ``register_model_config``) and weights: "openai" (the paper), another
+            open_clip tag, a checkpoint path, or None for a random init (warns loudly).
         image_size: override the model's input size (small CPU runs only).
         lora: where adapters go and their rank/alpha/dropout/scaling.
         fused: fused Triton kernels (True) or the plain PyTorch LoRA provider.

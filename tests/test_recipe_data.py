@@ -46,24 +46,42 @@ def _coop_fixture(root, key, rels_by_class, names=None):
 
 # Relative paths shaped like each dataset's real split file.
 COOP_CASES = {
-    "caltech101": {"accordion": [f"accordion/image_{i:04d}.jpg" for i in range(4)],
-                   "airplane": [f"airplanes/image_{i:04d}.jpg" for i in range(4)]},
-    "oxford_pets": {"abyssinian": [f"Abyssinian_{i}.jpg" for i in range(4)],
-                    "american_bulldog": [f"american_bulldog_{i}.jpg" for i in range(4)]},
-    "stanford_cars": {"2000 AM General Hummer SUV": [f"cars_train/{i:05d}.jpg" for i in range(4)],
-                      "2012 Acura RL Sedan": [f"cars_test/{i:05d}.jpg" for i in range(4)]},
-    "oxford_flowers": {"pink primrose": [f"image_{i:05d}.jpg" for i in range(4)],
-                       "hard-leaved pocket orchid": [f"image_{i:05d}.jpg" for i in range(10, 14)]},
-    "food101": {"apple_pie": [f"apple_pie/{i}.jpg" for i in range(4)],
-                "baby_back_ribs": [f"baby_back_ribs/{i}.jpg" for i in range(4)]},
-    "sun397": {"abbey": [f"a/abbey/sun_{i}.jpg" for i in range(4)],
-               "airplane cabin": [f"a/airplane_cabin/sun_{i}.jpg" for i in range(4)]},
-    "dtd": {"banded": [f"banded/banded_{i:04d}.jpg" for i in range(4)],
-            "blotchy": [f"blotchy/blotchy_{i:04d}.jpg" for i in range(4)]},
-    "ucf101": {"Apply_Eye_Makeup": [f"Apply_Eye_Makeup/v_{i}.jpg" for i in range(4)],
-               "Archery": [f"Archery/v_{i}.jpg" for i in range(4)]},
-    "eurosat": {"AnnualCrop": [f"AnnualCrop/AnnualCrop_{i}.jpg" for i in range(4)],
-                "SeaLake": [f"SeaLake/SeaLake_{i}.jpg" for i in range(4)]},
+    "caltech101": {
+        "accordion": [f"accordion/image_{i:04d}.jpg" for i in range(4)],
+        "airplane": [f"airplanes/image_{i:04d}.jpg" for i in range(4)],
+    },
+    "oxford_pets": {
+        "abyssinian": [f"Abyssinian_{i}.jpg" for i in range(4)],
+        "american_bulldog": [f"american_bulldog_{i}.jpg" for i in range(4)],
+    },
+    "stanford_cars": {
+        "2000 AM General Hummer SUV": [f"cars_train/{i:05d}.jpg" for i in range(4)],
+        "2012 Acura RL Sedan": [f"cars_test/{i:05d}.jpg" for i in range(4)],
+    },
+    "oxford_flowers": {
+        "pink primrose": [f"image_{i:05d}.jpg" for i in range(4)],
+        "hard-leaved pocket orchid": [f"image_{i:05d}.jpg" for i in range(10, 14)],
+    },
+    "food101": {
+        "apple_pie": [f"apple_pie/{i}.jpg" for i in range(4)],
+        "baby_back_ribs": [f"baby_back_ribs/{i}.jpg" for i in range(4)],
+    },
+    "sun397": {
+        "abbey": [f"a/abbey/sun_{i}.jpg" for i in range(4)],
+        "airplane cabin": [f"a/airplane_cabin/sun_{i}.jpg" for i in range(4)],
+    },
+    "dtd": {
+        "banded": [f"banded/banded_{i:04d}.jpg" for i in range(4)],
+        "blotchy": [f"blotchy/blotchy_{i:04d}.jpg" for i in range(4)],
+    },
+    "ucf101": {
+        "Apply_Eye_Makeup": [f"Apply_Eye_Makeup/v_{i}.jpg" for i in range(4)],
+        "Archery": [f"Archery/v_{i}.jpg" for i in range(4)],
+    },
+    "eurosat": {
+        "AnnualCrop": [f"AnnualCrop/AnnualCrop_{i}.jpg" for i in range(4)],
+        "SeaLake": [f"SeaLake/SeaLake_{i}.jpg" for i in range(4)],
+    },
 }
 
 
@@ -95,8 +113,11 @@ def test_fgvc_aircraft_reads_variant_files(tmp_path):
     d = tmp_path / "fgvc_aircraft"
     (d / "images").mkdir(parents=True)
     (d / "variants.txt").write_text("707-320\nA300B4\nF/A-18\n")
-    lines = {"train": ["1025794 707-320", "1340192 A300B4", "0056978 F/A-18"],
-             "val": ["1019011 707-320"], "test": ["1514522 F/A-18", "2044524 A300B4"]}
+    lines = {
+        "train": ["1025794 707-320", "1340192 A300B4", "0056978 F/A-18"],
+        "val": ["1019011 707-320"],
+        "test": ["1514522 F/A-18", "2044524 A300B4"],
+    }
     for split, ls in lines.items():
         (d / f"images_variant_{split}.txt").write_text("\n".join(ls) + "\n")
         for line in ls:
@@ -104,7 +125,10 @@ def test_fgvc_aircraft_reads_variant_files(tmp_path):
     ds = load_dataset("FGVCAircraft", str(tmp_path))
     assert ds.classnames == ["707-320", "A300B4", "F/A-18"]
     assert [(os.path.basename(s.path), s.label) for s in ds.train] == [
-        ("1025794.jpg", 0), ("1340192.jpg", 1), ("0056978.jpg", 2)]
+        ("1025794.jpg", 0),
+        ("1340192.jpg", 1),
+        ("0056978.jpg", 2),
+    ]
     assert [s.label for s in ds.test] == [2, 1] and len(ds.val) == 1
     (d / "images_variant_test.txt").write_text("1514522 Spitfire\n")
     with pytest.raises(DatasetError, match=r"images_variant_test\.txt, line 1.*variants\.txt"):
@@ -219,7 +243,7 @@ def test_missing_dataset_folder_describes_layout(tmp_path):
         ("{not json", "not valid JSON"),
         ('{"train": [], "val": []}', "no 'test' key"),
         ('{"train": [["a.jpg", "zero", "x"]], "val": [], "test": []}', r"train\[0\]"),
-        ('[1, 2]', "JSON object"),
+        ("[1, 2]", "JSON object"),
     ],
 )
 def test_malformed_split_file(tmp_path, content, match):
