@@ -188,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, action="append", help="SM version(s), e.g. 80 and 90")
     parser.add_argument("--default-only", action="store_true", help="only the paper's r=2 configurations")
-    parser.add_argument("--aligned-only", action="store_true", help="skip the hint-free variants")
+    parser.add_argument(
+        "--aligned-or-default", action="store_true", help="hint-free variants only for the default configurations"
+    )
     parser.add_argument("--json", help="write the per-configuration report here")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -196,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for arch in args.arch or [80, 90]:
         for spec in launch_specs():
-            if (args.default_only and not spec.is_default) or (args.aligned_only and not spec.aligned):
+            if args.default_only and not spec.is_default:
+                continue
+            if args.aligned_or_default and not (spec.aligned or spec.is_default):
                 continue
             row = report(spec, arch)
             rows.append(row)

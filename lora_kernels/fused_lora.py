@@ -344,25 +344,36 @@ def all_sr_pads() -> list[int]:
     return sorted({sr_pad(s, r) for s in range(1, MAX_SLOTS + 1) for r in range(1, MAX_RANK + 1)})
 
 
-def tile_config(kernel: str, dtype: torch.dtype, srp: int) -> TileConfig:
-    """The one launch configuration per (kernel, dtype, padded adapter width).
+# One launch configuration per (kernel, input precision, padded adapter width), chosen
+# from ahead-of-time builds for sm_90 and sm_80 (python -m lora_kernels.aot):
+# the widest tiles that neither spill nor exceed A100's 163 KiB of shared memory.
+# Half precision, SR_PAD <= 64 covers every rank up to 16 on q/k/v: those are the
+# tuned, spill-free defaults.  fp32 runs exact fp32 dots on the FMA units and wide
+# adapters (S·R > 64) hold [BLOCK_M, SR_PAD] accumulators, so both take small tiles.
+_T = TileConfig
+_CONFIGS: dict[tuple[str, bool, int], TileConfig] = {
+    **{("shrink", True, p): _T(64, 0, 64, 4, 3) for p in (16, 32, 64)},
+    ("shrink", True, 128): _T(32, 0, 64, 4, 3),
+    ("shrink", True, 256): _T(32, 0, 32, 4, 2),
+    **{("shrink", False, p): _T(32, 0, 64, 4, 3) for p in (16, 32, 64, 128)},
+    ("shrink", False, 256): _T(32, 0, 32, 4, 2),
+    **{("forward", True, p): _T(128, 128, 64, 8, 3) for p in (16, 32, 64, 128)},
+    ("forward", True, 256): _T(64, 64, 32, 4, 2),
+    **{("forward", False, p): _T(128, 64, 32, 8, 3) for p in (16, 32)},
+    **{("forward", False, p): _T(64, 64, 32, 4, 2) for p in (64, 128, 256)},
+    # Backward: BLOCK_K = 64, not 128: the epilogue holds the dX tile, the X tile, a
+    # mask tile and the dH·A tile at once; at 128 wide it spills on sm_90.
+    **{("backward", True, p): _T(128, 64, 64, 8, 3) for p in (16, 32, 64)},
+    **{("backward", True, p): _T(32, 32, 32, 4, 2) for p in (128, 256)},
+    **{("backward", False, p): _T(32, 32, 32, 4, 2) for p in (16, 32, 64, 128, 256)},
+}
 
-    Half precision uses 128×128 tiles with 64-deep K steps (wgmma-sized on Hopper).
-    fp32 halves the K step to keep shared memory for the pipeline stages in budget,
-    and wide adapters (S·R > 64) shrink BLOCK_M so the [BLOCK_M, SR_PAD] accumulators
-    do not spill.
-    """
-    half = dtype != torch.float32
-    wide = srp > 64
-    if kernel == "shrink":
-        return TileConfig(64 if not wide else 32, 0, 64 if half else 32, 4, 3)
-    if kernel == "forward":
-        return TileConfig(128 if not wide else 64, 128, 64 if half else 32, 8, 3 if half else 2)
-    if kernel == "backward":
-        # BLOCK_K = 64, not 128: the epilogue holds the dX tile, the X tile, a mask tile
-        # and the dH·A tile at once; at 128 wide it spills on sm_90 (ptxas -v).
-        return TileConfig(128 if not wide else 64, 64 if half else 32, 64, 8, 3 if half else 2)
-    raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
+
+def tile_config(kernel: str, dtype: torch.dtype, srp: int) -> TileConfig:
+    """The launch configuration for ``kernel`` on ``dtype`` inputs with padded width ``srp``."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
+    return _CONFIGS[kernel, dtype != torch.float32, srp]
 
 
 def _dot_precision(dtype: torch.dtype) -> str:

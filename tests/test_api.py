@@ -48,7 +48,10 @@ def test_valid_call_runs():
         (dict(lora_a=[torch.randn(2, 9), None, torch.randn(2, 8)]), ValueError, r"lora_a\[0\] must be \[r, 8\]"),
         (dict(lora_b=[torch.randn(5, 2), None, torch.randn(4, 2)]), ValueError, r"lora_b\[0\] must be \[4, 2\]"),
         (
-            dict(lora_a=[torch.randn(2, 8), None, torch.randn(3, 8)], lora_b=[torch.randn(4, 2), None, torch.randn(4, 3)]),
+            dict(
+                lora_a=[torch.randn(2, 8), None, torch.randn(3, 8)],
+                lora_b=[torch.randn(4, 2), None, torch.randn(4, 3)],
+            ),
             ValueError,
             "share one rank",
         ),
