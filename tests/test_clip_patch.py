@@ -374,3 +374,39 @@ def test_create_model():
     assert callable(preprocess_train) and callable(preprocess_val)
     with pytest.raises(ValueError, match="unknown open_clip model 'ViT-B-17'; closest: .*ViT-B-16"):
         create_model("ViT-B-17")
+
+
+@pytest.mark.parametrize("custom", [False, True], ids=["MultiheadAttention", "open_clip.Attention"])
+def test_bf16_autocast_error_within_twice_plain(custom):
+    """flash-attention's rule: under bf16 autocast the fused path's error against the fp32
+    result is at most about twice plain PyTorch's; adapter gradients stay fp32."""
+    model = tiny_clip(custom)
+    cfg = LoRAConfig(params=("q", "k", "v", "o"))
+    fused = patch_fused(copy.deepcopy(model), cfg).eval()
+    randomize_adapters(fused, std=0.2)
+    plain = patch_reference(copy.deepcopy(model), cfg).eval()
+    plain.load_state_dict(fused.state_dict())
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        reference = fused.encode_image(images)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            err = [(m.encode_image(images).float() - reference).norm() / reference.norm() for m in (fused, plain)]
+    assert 1e-4 < err[0] <= 2 * err[1] + 1e-3, err
+    fused.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused.encode_image(images).float().square().sum().backward()
+    grads = [p.grad for p in lora_parameters(fused.visual)]  # the text tower took no part
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().max() > 0 for g in grads)
+
+
+@pytest.mark.slow
+def test_vit_l14_count_and_fresh_adapter():
+    model = _open_clip("ViT-L-14")
+    images = torch.randn(1, 3, 224, 224)
+    tokens = open_clip.get_tokenizer("ViT-L-14")(PROMPTS[:2])
+    reference = _features(model, images, tokens)
+    patch_fused(model)
+    # text: 12 · 3 · 2·2·768 = 110,592; vision (24 blocks): 24 · 3 · 2·2·1024 = 294,912
+    assert count_trainable(model) == 405_504
+    _assert_close(_features(model, images, tokens), reference)
