@@ -477,8 +477,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (DatasetError, ValueError, FileNotFoundError) as e:
-        # Bad input: one clear line, not a traceback.
-        print(f"clip-lora {args.command}: error: {e}", file=sys.stderr)
+        # Bad input: one clear line, not a traceback.  An error raised in a data-loading
+        # worker arrives with the worker's traceback in its message; its last line is ours.
+        msg = str(e).strip()
+        if "Original Traceback" in msg:
+            msg = msg.splitlines()[-1].split(": ", 1)[-1]
+        print(f"clip-lora {args.command}: error: {msg}", file=sys.stderr)
         return 2
 
 

@@ -41,6 +41,7 @@ from .data import (
     DatasetSplits,
     ImageDataset,
     Sample,
+    canonical_name,
     check_shots,
     display_name,
     load_dataset,
@@ -120,6 +121,7 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        canonical_name(self.dataset)  # an unknown name fails here, before anything is built or written
         check_shots(self.shots)
         if isinstance(self.lora, dict):
             self.lora = LoRAConfig.from_dict(self.lora)

@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+import torch
 from PIL import Image
 
 from clip_lora.data import (
@@ -263,6 +264,14 @@ def test_unreadable_image_names_path(tmp_path):
         ds[0]
     with pytest.raises(DatasetError, match=r"image not found: .*gone\.jpg"):
         ds[1]
+
+
+def test_unreadable_image_in_a_loader_worker_keeps_its_type_and_path(tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG truncated")
+    loader = torch.utils.data.DataLoader(ImageDataset([Sample(str(bad), 0, "x")], lambda im: im), num_workers=1)
+    with pytest.raises(DatasetError, match=r"broken\.png"):
+        next(iter(loader))
 
 
 def test_unknown_dataset_name_lists_known_ones():

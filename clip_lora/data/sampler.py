@@ -41,16 +41,13 @@ def save_few_shot(
     path: str, samples: Sequence[Sample], *, image_root: str, dataset: str, shots: int, seed: int
 ) -> None:
     """Write the drawn list as JSON (paths relative to ``image_root``, like a split file); atomic."""
-    payload = {
-        "dataset": dataset,
-        "shots": shots,
-        "seed": seed,
-        "image_root": image_root,
-        "train": [[os.path.relpath(s.path, image_root), s.label, s.classname] for s in samples],
-    }
+    header = {"dataset": dataset, "shots": shots, "seed": seed, "image_root": image_root}
+    rows = [json.dumps([os.path.relpath(s.path, image_root), s.label, s.classname]) for s in samples]
+    # One image per line: the list stays readable and diffable between seeds.
+    text = json.dumps(header, indent=1)[:-2] + ',\n "train": [\n  ' + ",\n  ".join(rows) + "\n ]\n}\n"
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=1)
+        f.write(text)
     os.replace(tmp, path)
 
 
