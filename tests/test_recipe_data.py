@@ -150,6 +150,11 @@ def test_imagenet_reads_wnid_folders_with_shipped_names(tmp_path):
     ds = load_dataset("ImageNet", str(tmp_path))
     assert ds.num_classes == 1000 and ds.classnames[0] == "tench"
     assert sorted({s.label for s in ds.train}) == [0, 999] and len(ds.test) == 4 and ds.val == []
+    # CLIP-LoRA's own code reads imagenet/train and imagenet/val without images/.
+    alt = tmp_path / "alt"
+    for split in ("train", "val"):
+        _img(str(alt / "imagenet" / split / "n01443537" / "x.JPEG"))
+    assert [s.label for s in load_dataset("imagenet", str(alt)).test] == [1]
     (base / "val" / "not_a_wnid").mkdir()
     with pytest.raises(DatasetError, match="not_a_wnid"):
         load_dataset("imagenet", str(tmp_path))

@@ -200,3 +200,12 @@ def test_reproduce_table_layout(tmp_path):
     assert lines[4] == "| 2 shots | - | 80.0 | - |"  # DTD 2-shot never ran: no average either
     assert len(missing) == 3 and all("dtd" in p for p in missing)
     assert table_csv.splitlines()[2] == "1 shot,41.00,60.00,50.50"
+
+
+def test_demo_command_runs_end_to_end(tmp_path, capsys):
+    # The README's first command, shortened: synthetic data, train, reload and re-evaluate.
+    assert main(["demo", "--output", str(tmp_path), "--iterations", "3", "--shots", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "re-evaluates to" in out and "(identical)" in out
+    metrics = json.load(open(tmp_path / "run" / "metrics.json"))
+    assert metrics["iterations"] == 3 and len(metrics["classnames"]) == 6 and metrics["fused"] is False
