@@ -466,10 +466,11 @@ def lora_linear_fwd(
     dropout_p: float,
     use_triton: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (Y [M, N], H [M, S·R] fp32).  Inputs are already validated 2-D tensors."""
+    """Returns (Y [M, N], H [M, S·R]; H is fp32, or fp64 for fp64 inputs on the torch path).
+
+    Inputs are already validated 2-D tensors (see :func:`lora_linear`)."""
     impl = _triton_forward if use_triton else _torch_forward
-    y, h = impl(x, weight, bias, lora_a, lora_b, seed, slot_bounds, adapted, scale, dropout_p)
-    return y, h.to(torch.float32) if h.dtype != torch.float64 else h
+    return impl(x, weight, bias, lora_a, lora_b, seed, slot_bounds, adapted, scale, dropout_p)
 
 
 @lora_linear_fwd.register_fake
