@@ -47,7 +47,7 @@ _UNIT_STRIDES = {"stride_xk", "stride_wk", "stride_ak", "stride_br", "stride_yn"
 # CLIP's widths (512, 768, 1024 and their multiples) make these divisible; M (batch ×
 # tokens) and the rank usually are not.  ``aligned=False`` builds the hint-free variant
 # that odd shapes get.
-_ALIGNED_INTS = {"N", "K", "bound1", "bound2", "bound3"}
+_ALIGNED_INTS = {"N", "K", "bound1", "bound2"}
 
 
 @dataclass(frozen=True)

@@ -4,23 +4,29 @@ The mask of adapter slot ``s`` at row ``m`` and input column ``k`` is a pure fun
 ``(seed, s, m, k)``.  Forward and backward regenerate it, so nothing mask-sized is ever
 stored.  The same function exists twice, bit for bit:
 
-* ``keep_mask_tile`` - a ``@triton.jit`` helper the kernels inline;
+* ``row_hash`` / ``tile_hash`` / ``slot_keep`` - ``@triton.jit`` helpers the kernels inline;
 * :func:`dropout_mask` - a PyTorch mirror used by the CPU path, the tests and users
   who want to see which inputs an adapter dropped.
 
-Why a murmur3-style hash rather than ``tl.rand`` (Philox): the hash needs only 32-bit
+One 32-bit hash per (row, column) serves all slots: slot ``s`` reads its own 10-bit
+field, so a packed q/k/v projection hashes X once instead of three times (the hashing,
+not the memory traffic, is what the dropout costs; see bench/NOTES.md).  The fields of
+a murmur3 finalizer's output are independent for practical purposes (tested in
+tests/test_dropout.py)::
+
+    key      = fmix32(seed)
+    row(m)   = fmix32(key ^ (m * 0x85EBCA77))            once per row
+    h(m, k)  = fmix32(row(m) ^ (k * 0xC2B2AE3D))         once per element
+    keep_s   = ((h >> 10·s) & 1023) >= round(1024 · p)
+
+So p is realised in steps of 1/1024 (0.25 exactly), and kept values are scaled by
+``1 / P(keep)`` of the realised probability (:func:`keep_scale`), which keeps the
+expectation of the dropped input exact for every p.
+
+Why a murmur3-style hash rather than ``tl.rand`` (Philox): it needs only 32-bit
 multiplies whose low half is kept, so PyTorch reproduces it exactly with int64 tensors,
 and its output does not depend on the Triton release (the GPU machines and CI run
-different ones).  Per element it costs one ``fmix32`` (two multiplies, three
-xor-shifts); the slot and row parts are mixed once per row, not per element.
-
-    key_s   = fmix32(seed ^ fmix32(s + 1))
-    row     = fmix32(key_s ^ (m * 0x85EBCA77))
-    h(m, k) = fmix32(row ^ (k * 0xC2B2AE3D))
-    keep    = (h >> 1) >= round(p * 2^31)   (P(keep) = 1 - p to within 2^-31)
-
-The top 31 bits are compared so the threshold always fits an int32 kernel argument
-(one compiled variant for every p).
+different ones).
 """
 
 from __future__ import annotations
@@ -32,12 +38,20 @@ import triton.language as tl
 _U32 = 0xFFFFFFFF
 ROW_MULT = 0x85EBCA77
 COL_MULT = 0xC2B2AE3D
+FIELD_BITS = 10
+FIELD_LEVELS = 1 << FIELD_BITS
+MAX_MASK_SLOTS = 32 // FIELD_BITS  # three 10-bit fields per hash
 SEED_MAX = 2**31 - 1  # seeds live in [0, 2^31 - 1) so they fit int32 and int64 alike
 
 
 def keep_threshold(p: float) -> int:
-    """int32 threshold: an element is kept when ``hash >> 1`` is >= this value."""
-    return min(int(round(p * 2.0**31)), 2**31 - 1)
+    """A slot keeps an element when its 10-bit field is >= this value."""
+    return min(int(round(p * FIELD_LEVELS)), FIELD_LEVELS - 1)
+
+
+def keep_scale(p: float) -> float:
+    """1 / P(keep) for the realised keep probability (exactly 1 / (1 - p) when 1024·p is whole)."""
+    return FIELD_LEVELS / (FIELD_LEVELS - keep_threshold(p))
 
 
 # --------------------------------------------------------------------------- Triton
@@ -55,18 +69,22 @@ def _fmix32(h):
 
 
 @triton.jit
-def slot_row_hash(seed, slot, offs_m):
-    """Per-row part of the mask hash of one slot: ``seed`` uint32, ``offs_m`` int rows."""
-    key = _fmix32(seed ^ _fmix32(tl.cast(slot + 1, tl.uint32)))
-    return _fmix32(key ^ (offs_m.to(tl.uint32) * 0x85EBCA77))
+def row_hash(seed, offs_m):
+    """Per-row part of the hash: ``seed`` uint32, ``offs_m`` int rows -> uint32 [BLOCK_M]."""
+    return _fmix32(_fmix32(seed) ^ (offs_m.to(tl.uint32) * 0x85EBCA77))
 
 
 @triton.jit
-def keep_mask_tile(row_hash, offs_k, threshold):
-    """[BLOCK_M, BLOCK_K] keep-mask from a per-row hash and column offsets."""
+def tile_hash(row_h, offs_k):
+    """uint32 [BLOCK_M, BLOCK_K] hash shared by every slot's mask."""
     col = offs_k.to(tl.uint32) * 0xC2B2AE3D
-    h = _fmix32(row_hash[:, None] ^ col[None, :])
-    return (h >> 1).to(tl.int32) >= threshold
+    return _fmix32(row_h[:, None] ^ col[None, :])
+
+
+@triton.jit
+def slot_keep(h, slot, threshold):
+    """Keep-mask of ``slot``: its 10-bit field of the tile hash against the threshold."""
+    return ((h >> tl.cast(slot * 10, tl.uint32)) & 1023).to(tl.int32) >= threshold
 
 
 # --------------------------------------------------------------------------- PyTorch
@@ -80,11 +98,17 @@ def _fmix32_torch(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
-def row_hash(seed: int, slot: int, rows: torch.Tensor) -> torch.Tensor:
-    """PyTorch mirror of ``slot_row_hash`` (int64 tensors holding uint32 values)."""
-    key = _fmix32_torch(torch.tensor(slot + 1, dtype=torch.int64))
-    key = _fmix32_torch(key ^ (int(seed) & _U32))
-    return _fmix32_torch(key ^ ((rows.to(torch.int64) * ROW_MULT) & _U32))
+def mask_hash(seed: int, num_rows: int, num_cols: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The [num_rows, num_cols] hash (int64 holding uint32) that every slot's mask reads."""
+    key = _fmix32_torch(torch.tensor(int(seed) & _U32, dtype=torch.int64, device=device))
+    rows = torch.arange(num_rows, device=device, dtype=torch.int64)
+    row = _fmix32_torch(key ^ ((rows * ROW_MULT) & _U32))
+    cols = (torch.arange(num_cols, device=device, dtype=torch.int64) * COL_MULT) & _U32
+    return _fmix32_torch(row[:, None] ^ cols[None, :])
+
+
+def keep_from_hash(h: torch.Tensor, slot: int, p: float) -> torch.Tensor:
+    return ((h >> (FIELD_BITS * slot)) & (FIELD_LEVELS - 1)) >= keep_threshold(p)
 
 
 def dropout_mask(
@@ -98,12 +122,11 @@ def dropout_mask(
 ) -> torch.Tensor:
     """The bool keep-mask ``[num_rows, num_cols]`` that slot ``slot`` uses for ``seed``.
 
-    True means the input element reaches the adapter (and is scaled by 1/(1-p)).
+    True means the input element reaches the adapter (and is scaled by ``keep_scale(p)``).
     Bit-identical to what the Triton kernels regenerate.
     """
+    if not 0 <= slot < MAX_MASK_SLOTS:
+        raise ValueError(f"slot must be in 0..{MAX_MASK_SLOTS - 1}, got {slot}")
     if isinstance(seed, torch.Tensor):
         seed = int(seed.item())
-    rows = torch.arange(num_rows, device=device, dtype=torch.int64)
-    cols = (torch.arange(num_cols, device=device, dtype=torch.int64) * COL_MULT) & _U32
-    h = _fmix32_torch(row_hash(seed, slot, rows).to(device)[:, None] ^ cols[None, :])
-    return (h >> 1) >= keep_threshold(p)
+    return keep_from_hash(mask_hash(seed, num_rows, num_cols, device), slot, p)

@@ -8,7 +8,7 @@ Packed, the adapters are ``A_cat [S·R, K]`` (slot s in rows ``s·R … s·R+R``
 ``B_cat [N, R]`` (slot s in rows ``off_s … off_s+N_s``); a slot with no adapter has zero
 rows in both and its mask is never generated.
 
-Math (per slot s, with ``keep = 1 / (1 - p)``)::
+Math (per slot s, with ``keep = 1 / P(keep)``, i.e. 1 / (1 - p); see :mod:`.dropout`)::
 
     H_s  = keep · (mask_s ⊙ X) A_sᵀ                      [M, R]   (fp32, saved)
     Y_s  = X W_sᵀ + b_s + scale · H_s B_sᵀ
@@ -50,9 +50,19 @@ import triton
 import triton.language as tl
 
 from ._interpreter import patch_bf16_dot
-from .dropout import SEED_MAX, dropout_mask, keep_mask_tile, keep_threshold, slot_row_hash
+from .dropout import (
+    MAX_MASK_SLOTS,
+    SEED_MAX,
+    keep_from_hash,
+    keep_scale,
+    keep_threshold,
+    mask_hash,
+    row_hash,
+    slot_keep,
+    tile_hash,
+)
 
-MAX_SLOTS = 4
+MAX_SLOTS = MAX_MASK_SLOTS  # q, k, v: one 10-bit mask field per slot
 MAX_RANK = 64
 BACKEND_ENV = "CLIP_LORA_BACKEND"  # "triton" forces the kernels, "torch" the plain path
 
@@ -69,10 +79,8 @@ def _slot_ranges(slot_bounds: Sequence[int]) -> list[tuple[int, int]]:
 def _torch_masks(seed, M, K, num_slots, adapted, p, device):
     if p == 0.0:
         return [None] * num_slots
-    return [
-        dropout_mask(seed, s, M, K, p, device=device) if (adapted >> s) & 1 else None
-        for s in range(num_slots)
-    ]
+    h = mask_hash(int(seed.item()), M, K, device)
+    return [keep_from_hash(h, s, p) if (adapted >> s) & 1 else None for s in range(num_slots)]
 
 
 def _torch_forward(x, weight, bias, lora_a, lora_b, seed, slot_bounds, adapted, scale, p):
@@ -85,7 +93,7 @@ def _torch_forward(x, weight, bias, lora_a, lora_b, seed, slot_bounds, adapted, 
         y = y + bias.to(acc)
     h = torch.zeros(M, len(slot_bounds) * R, dtype=acc, device=x.device)
     masks = _torch_masks(seed, M, K, len(slot_bounds), adapted, p, x.device)
-    keep = 1.0 / (1.0 - p)
+    keep = keep_scale(p)
     for s, (lo, hi) in enumerate(_slot_ranges(slot_bounds)):
         if not (adapted >> s) & 1:
             continue
@@ -105,7 +113,7 @@ def _torch_backward(dy, x, weight, h, lora_a, lora_b, seed, slot_bounds, adapted
     da = torch.zeros(lora_a.shape, dtype=acc, device=x.device)
     db = torch.zeros(lora_b.shape, dtype=acc, device=x.device)
     masks = _torch_masks(seed, M, K, len(slot_bounds), adapted, p, x.device)
-    keep = 1.0 / (1.0 - p)
+    keep = keep_scale(p)
     for s, (lo, hi) in enumerate(_slot_ranges(slot_bounds)):
         if not (adapted >> s) & 1:
             continue
@@ -126,11 +134,9 @@ def _torch_backward(dy, x, weight, h, lora_a, lora_b, seed, slot_bounds, adapted
 
 
 @triton.jit
-def _slot_of(offs_n, bound1, bound2, bound3):
+def _slot_of(offs_n, bound1, bound2):
     # Slot index of each output column; unused bounds are N, so they never count.
-    return (offs_n >= bound1).to(tl.int32) + (offs_n >= bound2).to(tl.int32) + (
-        offs_n >= bound3
-    ).to(tl.int32)
+    return (offs_n >= bound1).to(tl.int32) + (offs_n >= bound2).to(tl.int32)
 
 
 @triton.jit
@@ -164,19 +170,19 @@ def _lora_shrink_kernel(
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     acc = tl.zeros((BLOCK_M, SR_PAD), dtype=tl.float32)
     if HAS_DROPOUT:
-        seed = tl.load(seed_ptr).to(tl.uint32)
+        row_h = row_hash(tl.load(seed_ptr).to(tl.uint32), offs_m)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
         x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         a_ptrs = a_ptr + offs_i[None, :] * stride_am + offs_k[:, None] * stride_ak  # A_catᵀ tile
         if HAS_DROPOUT:
+            h = tile_hash(row_h, offs_k)  # one hash per element, shared by all slots
             for s in range(num_slots):
                 if (adapted >> s) & 1:
                     in_slot = (offs_i >= s * R) & (offs_i < s * R + R)
                     a = tl.load(a_ptrs, mask=k_ok[:, None] & in_slot[None, :], other=0.0)
-                    keep = keep_mask_tile(slot_row_hash(seed, s, offs_m), offs_k, threshold)
-                    xs = tl.where(keep, x, 0.0)
+                    xs = tl.where(slot_keep(h, s, threshold), x, 0.0)
                     acc += tl.dot(xs, a.to(x.dtype), input_precision=DOT_PRECISION)
         else:
             a = tl.load(a_ptrs, mask=k_ok[:, None] & (offs_i < SR)[None, :], other=0.0)
@@ -190,7 +196,7 @@ def _lora_shrink_kernel(
 @triton.jit
 def _lora_forward_kernel(
     x_ptr, w_ptr, bias_ptr, h_ptr, b_ptr, y_ptr,
-    M, N, K, R, SR, bound1, bound2, bound3, scale,
+    M, N, K, R, SR, bound1, bound2, scale,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_bn, stride_br, stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr, SR_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -220,7 +226,7 @@ def _lora_forward_kernel(
         mask=m_ok[:, None] & (offs_i < SR)[None, :],
         other=0.0,
     )
-    slot_n = _slot_of(offs_n, bound1, bound2, bound3)
+    slot_n = _slot_of(offs_n, bound1, bound2)
     sel = ((offs_i[:, None] // R) == slot_n[None, :]) & (offs_i < SR)[:, None] & n_ok[None, :]
     b = tl.load(b_ptr + offs_n[None, :] * stride_bn + (offs_i % R)[:, None] * stride_br, mask=sel, other=0.0)
     # fp32 operands (tf32 tensor cores for half inputs): H and B keep 10 mantissa bits
@@ -235,7 +241,7 @@ def _lora_forward_kernel(
 @triton.jit
 def _lora_backward_kernel(
     dy_ptr, w_ptr, x_ptr, h_ptr, a_ptr, b_ptr, seed_ptr, dx_ptr, da_part_ptr, db_part_ptr,
-    M, N, K, R, num_slots, adapted, bound1, bound2, bound3, scale, threshold, keep_scale,
+    M, N, K, R, num_slots, adapted, bound1, bound2, scale, threshold, keep_scale,
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_xm, stride_xk,
     stride_am, stride_ak, stride_bn, stride_br, stride_dxm, stride_dxk,
     HAS_DROPOUT: tl.constexpr, SR_PAD: tl.constexpr,
@@ -276,7 +282,7 @@ def _lora_backward_kernel(
             other=0.0,
         )
         acc += tl.dot(dy, w, input_precision=DOT_PRECISION)
-        slot_n = _slot_of(offs_n, bound1, bound2, bound3)
+        slot_n = _slot_of(offs_n, bound1, bound2)
         sel = ((offs_i[None, :] // R) == slot_n[:, None]) & i_ok[None, :] & n_ok[:, None]
         b_off = offs_n[:, None] * stride_bn + (offs_i % R)[None, :] * stride_br
         b = tl.load(b_ptr + b_off, mask=sel, other=0.0)  # block-diagonal B, [BLOCK_N, SR_PAD]
@@ -297,12 +303,12 @@ def _lora_backward_kernel(
     a_ptrs = a_ptr + offs_i[:, None] * stride_am + offs_k[None, :] * stride_ak
     da_ptrs = da_part_ptr + pid_m.to(tl.int64) * SR * K + offs_i[:, None] * K + offs_k[None, :]
     if HAS_DROPOUT:
-        seed = tl.load(seed_ptr).to(tl.uint32)
+        h = tile_hash(row_hash(tl.load(seed_ptr).to(tl.uint32), offs_m), offs_k)
         for s in range(num_slots):
             if (adapted >> s) & 1:
                 in_slot = (offs_i >= s * R) & (offs_i < s * R + R)
                 a = tl.load(a_ptrs, mask=in_slot[:, None] & k_ok[None, :], other=0.0)
-                keep = keep_mask_tile(slot_row_hash(seed, s, offs_m), offs_k, threshold)
+                keep = slot_keep(h, s, threshold)
                 up = tl.dot(dh, a.to(tl.float32), input_precision=DOT_PRECISION)
                 acc += tl.where(keep, up, 0.0) * keep_scale
                 da = tl.dot(tl.trans(dh_lo), tl.where(keep, x, 0.0), input_precision=DOT_PRECISION)
@@ -396,7 +402,7 @@ def _triton_forward(x, weight, bias, lora_a, lora_b, seed, slot_bounds, adapted,
     cfg = tile_config("shrink", x.dtype, srp)
     _lora_shrink_kernel[(triton.cdiv(M, cfg.block_m),)](
         x, lora_a, h, seed,
-        M, K, R, S, adapted, keep_threshold(p), 1.0 / (1.0 - p),
+        M, K, R, S, adapted, keep_threshold(p), keep_scale(p),
         x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1),
         HAS_DROPOUT=has_dropout, SR_PAD=srp, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k,
         DOT_PRECISION=_dot_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -404,10 +410,10 @@ def _triton_forward(x, weight, bias, lora_a, lora_b, seed, slot_bounds, adapted,
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     cfg = tile_config("forward", x.dtype, srp)
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
-    b1, b2, b3 = _bounds(slot_bounds, N)
+    b1, b2 = _bounds(slot_bounds, N)
     _lora_forward_kernel[grid](
         x, weight, bias if bias is not None else x, h, lora_b, y,
-        M, N, K, R, S * R, b1, b2, b3, float(scale),
+        M, N, K, R, S * R, b1, b2, float(scale),
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
         lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, SR_PAD=srp, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
@@ -430,11 +436,11 @@ def _triton_backward(dy, x, weight, h, lora_a, lora_b, seed, slot_bounds, adapte
     # written, hence zeros; every dB entry is written exactly once.
     da_part = torch.zeros(num_pid_m, S * R, K, device=x.device, dtype=torch.float32)
     db_part = torch.empty(num_pid_m, N, R, device=x.device, dtype=torch.float32)
-    b1, b2, b3 = _bounds(slot_bounds, N)
+    b1, b2 = _bounds(slot_bounds, N)
     grid = (num_pid_m * triton.cdiv(K, cfg.block_k),)
     _lora_backward_kernel[grid](
         dy, weight, x, h, lora_a, lora_b, seed, dx, da_part, db_part,
-        M, N, K, R, S, adapted, b1, b2, b3, float(scale), keep_threshold(p), 1.0 / (1.0 - p),
+        M, N, K, R, S, adapted, b1, b2, float(scale), keep_threshold(p), keep_scale(p),
         dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), x.stride(0), x.stride(1),
         lora_a.stride(0), lora_a.stride(1), lora_b.stride(0), lora_b.stride(1),
         dx.stride(0), dx.stride(1),
@@ -643,7 +649,8 @@ def lora_linear(
             while x is half precision; their gradients come back in their own dtype.
         scale: the LoRA scale (alpha/sqrt(r) in CLIP-LoRA).
         slot_sizes: the column count of each slot; defaults to an equal split of N.
-        dropout_p: LoRA dropout on the adapter input, in [0, 1).
+        dropout_p: LoRA dropout on the adapter input, in [0, 1); realised in steps of
+            1/1024 (0.25 exactly), with kept inputs scaled by 1 / P(keep).
         seed: dropout seed (int or int64 tensor); required when ``dropout_p > 0``.
             :func:`~lora_kernels.dropout_mask` regenerates the mask it implies.
         backend: "auto" (Triton on CUDA, PyTorch on CPU), "triton" or "torch".  The

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from lora_kernels import dropout_mask, lora_linear
+from lora_kernels.dropout import keep_scale
 
 
 @dataclass
@@ -88,7 +89,7 @@ def run_reference(case: Case, *, p: float, seed: int, dtype: torch.dtype = torch
             xs = x
             if p > 0:
                 mask = dropout_mask(seed, s, M, K, p, device=x.device)
-                xs = x * mask / (1 - p)
+                xs = x * mask * keep_scale(p)
             part = part + case.scale * ((xs @ a[s].t()) @ b[s].t())
         parts.append(part)
         start += n

@@ -43,7 +43,7 @@ def test_valid_call_runs():
         (dict(bias=torch.randn(11)), ValueError, r"bias must have shape \(12,\)"),
         (dict(slot_sizes=[4, 4, 3]), ValueError, "adding up to N=12"),
         (dict(slot_sizes=[6, 6]), ValueError, "slot_sizes"),
-        (dict(lora_a=[torch.randn(2, 8)] * 5, lora_b=[torch.randn(4, 2)] * 5), ValueError, "between 1 and 4 slots"),
+        (dict(lora_a=[torch.randn(2, 8)] * 4, lora_b=[torch.randn(3, 2)] * 4), ValueError, "between 1 and 3 slots"),
         (dict(lora_a=[torch.randn(2, 8), None, None]), ValueError, "slot 2: lora_a and lora_b must both"),
         (dict(lora_a=[torch.randn(2, 9), None, torch.randn(2, 8)]), ValueError, r"lora_a\[0\] must be \[r, 8\]"),
         (dict(lora_b=[torch.randn(5, 2), None, torch.randn(4, 2)]), ValueError, r"lora_b\[0\] must be \[4, 2\]"),

@@ -9,17 +9,24 @@ import torch
 from conftest import HAS_CUDA
 
 from lora_kernels import draw_seed, dropout_mask, lora_linear
+from lora_kernels.dropout import keep_scale, keep_threshold
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
 @pytest.mark.parametrize("p", [0.1, 0.25, 0.5, 0.9])
-def test_dropped_fraction_matches_p(p):
-    mask = dropout_mask(1234, 0, 500, 400, p)
+@pytest.mark.parametrize("slot", [0, 1, 2])
+def test_dropped_fraction_matches_p(p, slot):
+    # p is realised in steps of 1/1024 (0.25 and 0.5 exactly); the rest within half a step.
+    realised = keep_threshold(p) / 1024
+    assert abs(realised - p) <= 1 / 2048
+    mask = dropout_mask(1234, slot, 500, 400, p)
     n = mask.numel()
     dropped = 1.0 - mask.double().mean().item()
-    std_err = math.sqrt(p * (1 - p) / n)
-    assert abs(dropped - p) < 5 * std_err, f"dropped {dropped:.4f}, expected {p} ± {5 * std_err:.4f}"
+    std_err = math.sqrt(realised * (1 - realised) / n)
+    assert abs(dropped - realised) < 5 * std_err, f"dropped {dropped:.4f}, expected {realised} ± {5 * std_err:.4f}"
+    # Scaling by 1/P(keep) of the realised probability keeps the expectation exact.
+    assert abs(keep_scale(p) * (1 - realised) - 1.0) < 1e-12
 
 
 def test_rows_and_columns_are_not_patterned():
@@ -36,13 +43,35 @@ def test_rows_and_columns_are_not_patterned():
 
 def test_slots_are_independent():
     p = 0.25
-    masks = [dropout_mask(42, s, 300, 300, p) for s in range(4)]
+    masks = [dropout_mask(42, s, 300, 300, p) for s in range(3)]
     n = masks[0].numel()
-    for i in range(4):
-        for j in range(i + 1, 4):
+    for i in range(3):
+        for j in range(i + 1, 3):
             both = (masks[i] & masks[j]).double().mean().item()
             expected = (1 - p) ** 2
             assert abs(both - expected) < 5 * math.sqrt(expected * (1 - expected) / n)
+
+
+def test_three_slots_jointly_independent():
+    # The three masks are fields of one hash: all eight keep/drop patterns must occur
+    # with their product probabilities.
+    p = 0.25
+    m = [dropout_mask(9, s, 400, 400, p) for s in range(3)]
+    n = m[0].numel()
+    for pattern in range(8):
+        hit = torch.ones_like(m[0])
+        prob = 1.0
+        for s in range(3):
+            kept = bool(pattern >> s & 1)
+            hit &= m[s] if kept else ~m[s]
+            prob *= (1 - p) if kept else p
+        freq = hit.double().mean().item()
+        assert abs(freq - prob) < 5 * math.sqrt(prob * (1 - prob) / n), f"pattern {pattern:03b}: {freq} vs {prob}"
+
+
+def test_slot_out_of_range_is_an_error():
+    with pytest.raises(ValueError, match="slot must be in 0..2"):
+        dropout_mask(1, 3, 4, 4, 0.25)
 
 
 def test_same_seed_same_mask_different_seed_different_mask():

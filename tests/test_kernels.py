@@ -96,9 +96,9 @@ def test_adapters_in_input_dtype_get_grads_in_their_dtype():
     assert_close_to_reference(case, got, p=0.25, seed=7, dtype=torch.bfloat16)
 
 
-def test_large_rank_and_four_slots():
-    # Widest adapter the kernels pad for: 4 slots × r=64 -> SR_PAD 256.
-    case = make_case(70, 90, [33, 40, 17, 50], 64, [True, True, False, True], torch.float32, device=DEVICE)
+def test_largest_rank_on_three_slots():
+    # Widest adapter the kernels pad for: 3 slots × r=64 -> SR_PAD 256.
+    case = make_case(70, 90, [33, 40, 67], 64, [True, False, True], torch.float32, device=DEVICE)
     got = run_fused(case, p=0.25, seed=1, backend="triton")
     assert_close_to_reference(case, got, p=0.25, seed=1, dtype=torch.float32)
 
