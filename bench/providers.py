@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import lora_kernels
+from lora_kernels.dropout import keep_scale
 
 from .workloads import LayerShape
 
@@ -206,7 +207,7 @@ def layer_reference(case: LayerCase, *, lora: bool, p: float, seed: int | None =
             xs = x
             if p > 0:
                 mask = lora_kernels.dropout_mask(seed, s, M, K, p, device=x.device)
-                xs = x * mask / (1 - p)
+                xs = x * mask * keep_scale(p)  # 1 / P(keep) of the realised p
             deltas.append(case.scale * (xs @ a.t()) @ bb.t())
         y = y + torch.cat(deltas, dim=1)
     y.backward(case.dy.to(f64))
