@@ -24,6 +24,7 @@ alpha/sqrt(r).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -179,10 +180,28 @@ def _official_config(meta: dict[str, Any]) -> LoRAConfig:
     )
 
 
+def _official_patch_config(model: nn.Module, cfg: LoRAConfig, position: str) -> LoRAConfig:
+    """The config to patch an unpatched model with so that exactly the official blocks get
+    adapters.  Where the official tables differ from ours (ViT-L/14's 24-block vision
+    tower: "up" is blocks 8-11 there, 16-23 here) and every adapted tower uses the same
+    official indices, patch with that explicit index list; otherwise keep ``cfg``."""
+    official = {t: official_blocks(position, len(tower_blocks(model, t))) for t in cfg.towers}
+    try:
+        ours = {t: cfg.blocks(len(tower_blocks(model, t))) for t in cfg.towers}
+    except ValueError:
+        ours = {}
+    lists = {tuple(v) for v in official.values()}
+    if ours != official and len(lists) == 1:
+        return dataclasses.replace(cfg, position=lists.pop())
+    return cfg
+
+
 def load_official_adapter(model: nn.Module, path: str | os.PathLike, *, fused: bool = True) -> nn.Module:
     """Import an adapter saved by the official CLIP-LoRA code (layout in the module docstring).
 
-    Each ``layer_<i>`` goes to the i-th (tower, block) of the official enumeration.  Where
+    Each ``layer_<i>`` goes to the i-th (tower, block) of the official enumeration.  An
+    unpatched model is patched on exactly the official blocks (an explicit index list
+    where the official table differs from ours, e.g. ViT-L/14 vision "up" = 8-11).  Where
     our config adapts more blocks than the official code did (ViT-L/14's vision "all" is
     blocks 0-20 there, 0-23 here), the extra adapters get B = 0, so the model computes
     exactly what the official one did; a warning says so.
@@ -193,6 +212,8 @@ def load_official_adapter(model: nn.Module, path: str | os.PathLike, *, fused: b
         raise ValueError(f"{path} is not an official CLIP-LoRA adapter (expected 'weights' and 'metadata')")
     meta, weights = data["metadata"], data["weights"]
     file_cfg = _official_config(meta)
+    if getattr(model, CONFIG_ATTR, None) is None:
+        file_cfg = _official_patch_config(model, file_cfg, meta["position"])
     _prepare_model(model, file_cfg, path, fused)
     order: list[tuple[str, int, LoRAAttention]] = []
     for tower in file_cfg.towers:

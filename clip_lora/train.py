@@ -45,7 +45,7 @@ from .data import (
     check_shots,
     display_name,
     load_dataset,
-    sample_few_shot,
+    official_few_shot,
     save_few_shot,
 )
 from .evaluate import LOGIT_SCALE, TEMPLATE, autocast, evaluate, resolve_precision, text_features
@@ -412,7 +412,9 @@ def _all_reduce_grads(params: Sequence[nn.Parameter]) -> None:
 def _few_shot(cfg: TrainConfig, data: DatasetSplits) -> list[Sample]:
     if not data.train:
         raise ValueError(f"{cfg.dataset}: the train split is empty")
-    return sample_few_shot(data.train, cfg.shots, cfg.seed)
+    # The official code's draw for this seed (its validation draw included), so seed k
+    # trains on the very images the official seed k does.
+    return official_few_shot(data.train, data.val, cfg.shots, cfg.seed, imagenet=data.name == "imagenet")
 
 
 def train(cfg: TrainConfig, *, stop_after: int | None = None) -> dict[str, Any]:

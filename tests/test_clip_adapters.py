@@ -6,7 +6,9 @@ of the official format only depends on the tower depths.
 """
 
 import copy
+import math
 import os
+from types import SimpleNamespace
 
 import pytest
 import safetensors.torch
@@ -145,19 +147,46 @@ def test_non_adapter_file_is_rejected(tmp_path, base):
 # -----------------------------------------------------------------------------
 
 
-def _official_file(path, meta, blocks, width_of, seed=9):
-    """Write the official layout: ``layer_i`` over (tower, block) in the given order."""
-    g = torch.Generator().manual_seed(seed)
-    keys = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "proj"}
+def _official_save_lora(path, args, list_lora_layers):
+    """What the official ``save_lora`` (loralib/utils.py) writes, restated on stand-in
+    layers (objects with ``q_proj``/``k_proj``/``v_proj``/``proj`` holding
+    ``w_lora_A`` [r, d_in] and ``w_lora_B`` [d_out, r]), minus its folder naming."""
     weights = {}
-    for i, (tower, _block) in enumerate(blocks):
-        d, r = width_of[tower], meta["r"]
-        weights[f"layer_{i}"] = {
-            keys[p]: {"w_lora_A": torch.randn(r, d, generator=g), "w_lora_B": torch.randn(d, r, generator=g)}
-            for p in meta["params"]
-        }
-    torch.save({"weights": weights, "metadata": meta}, path)
+    for i, layer in enumerate(list_lora_layers):
+        layer_weights = {}
+        if "q" in args["params"]:
+            layer_weights["q_proj"] = {"w_lora_A": layer.q_proj.w_lora_A, "w_lora_B": layer.q_proj.w_lora_B}
+        if "k" in args["params"]:
+            layer_weights["k_proj"] = {"w_lora_A": layer.k_proj.w_lora_A, "w_lora_B": layer.k_proj.w_lora_B}
+        if "v" in args["params"]:
+            layer_weights["v_proj"] = {"w_lora_A": layer.v_proj.w_lora_A, "w_lora_B": layer.v_proj.w_lora_B}
+        if "o" in args["params"]:
+            layer_weights["proj"] = {"w_lora_A": layer.proj.w_lora_A, "w_lora_B": layer.proj.w_lora_B}
+        weights[f"layer_{i}"] = layer_weights
+    metadata = {
+        "r": args["r"],
+        "alpha": args["alpha"],
+        "encoder": args["encoder"],
+        "params": args["params"],
+        "position": args["position"],
+    }
+    torch.save({"weights": weights, "metadata": metadata}, path)
     return weights
+
+
+def _official_file(path, meta, blocks, width_of, seed=9):
+    """An official file whose ``layer_i`` is the i-th (tower, block) of ``blocks``: one
+    stand-in ``PlainMultiheadAttentionLoRA`` per entry, in ``apply_lora``'s order."""
+    g = torch.Generator().manual_seed(seed)
+    layers = []
+    for tower, _block in blocks:
+        d, r = width_of[tower], meta["r"]
+        projs = {
+            name: SimpleNamespace(w_lora_A=torch.randn(r, d, generator=g), w_lora_B=torch.randn(d, r, generator=g))
+            for name in ("q_proj", "k_proj", "v_proj", "proj")
+        }
+        layers.append(SimpleNamespace(**projs))
+    return _official_save_lora(path, meta, layers)
 
 
 def test_official_import_text_first_then_vision(base, inputs, tmp_path):
@@ -205,3 +234,50 @@ def test_official_import_vision_top_and_layer_count(base, tmp_path):
     _official_file(bad, meta, [("vision", 10), ("vision", 11)], {"vision": 64})
     with pytest.raises(ValueError, match="has 2 layers; .* gives 1"):
         load_adapter(copy.deepcopy(base), bad)
+
+
+def test_official_import_computes_the_official_math(base, inputs, tmp_path):
+    # The official LinearLoRA adds x (B A)^T * alpha/sqrt(r) to each adapted projection
+    # (loralib/layers.py: merge_BA = B @ A, scaling = lora_alpha / math.sqrt(r)); q/k/v are
+    # the row blocks of the packed in_proj_weight, "proj" is out_proj.
+    meta = {"r": 4, "alpha": 3, "encoder": "vision", "params": ["q", "o"], "position": "half-up"}
+    order = [("vision", i) for i in range(6, 12)]
+    weights = _official_file(tmp_path / "v.pt", meta, order, {"vision": 64})
+    for layer in weights.values():  # B is zero-initialised there; keep the update moderate
+        for entry in layer.values():
+            entry["w_lora_B"].mul_(0.05)
+    torch.save({"weights": weights, "metadata": meta}, tmp_path / "v.pt")
+    model = load_adapter(copy.deepcopy(base), tmp_path / "v.pt").eval()
+
+    expected = copy.deepcopy(base)
+    scale = meta["alpha"] / math.sqrt(meta["r"])
+    with torch.no_grad():
+        for i, (_, block) in enumerate(order):
+            attn = expected.visual.transformer.resblocks[block].attn
+            q, o = weights[f"layer_{i}"]["q_proj"], weights[f"layer_{i}"]["proj"]
+            attn.in_proj_weight[:64] += scale * q["w_lora_B"] @ q["w_lora_A"]
+            attn.out_proj.weight += scale * o["w_lora_B"] @ o["w_lora_A"]
+    got, want = _outputs(model, *inputs), _outputs(expected, *inputs)
+    torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)  # text tower: no adapter
+    assert (got[0] - _outputs(base, *inputs)[0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    ("position", "official"),
+    [("up", list(range(8, 12))), ("half-up", list(range(6, 12))), ("all", list(range(21)))],
+)
+def test_official_import_24_block_vision_uses_the_official_table(tmp_path, position, official):
+    # The official ViT-L/14 vision table reuses the 12-block indices ("up" = 8-11, not
+    # 16-23) and its "all" stops at block 20: an unpatched model is patched on exactly those.
+    base24 = tiny_clip(custom=False, depth=24)
+    meta = {"r": 2, "alpha": 1, "encoder": "vision", "params": ["q", "k", "v"], "position": position}
+    weights = _official_file(tmp_path / "l14.pt", meta, [("vision", i) for i in official], {"vision": 64})
+    model = load_adapter(copy.deepcopy(base24), tmp_path / "l14.pt")
+    assert model.clip_lora_config.position == tuple(official)
+    patched = sorted(int(k.split(".")[3]) for k in lora_state_dict(model) if k.endswith("lora_A.q"))
+    assert patched == official
+    for i, block in enumerate(official):
+        attn = model.visual.transformer.resblocks[block].attn
+        assert torch.equal(attn.lora_A["k"], weights[f"layer_{i}"]["k_proj"]["w_lora_A"])
+        assert torch.equal(attn.lora_B["v"], weights[f"layer_{i}"]["v_proj"]["w_lora_B"])

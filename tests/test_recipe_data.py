@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import shutil
+from collections import defaultdict
 
 import pytest
 import torch
@@ -20,6 +23,7 @@ from clip_lora.data import (
     load_dataset,
     load_few_shot,
     make_synthetic,
+    official_few_shot,
     sample_few_shot,
     save_few_shot,
 )
@@ -225,6 +229,67 @@ def test_few_shot_list_round_trips(tmp_path):
     assert payload["shots"] == 2 and payload["seed"] == 5 and payload["train"][0][0].endswith(".jpg")
     assert not os.path.isabs(payload["train"][0][0])
     assert load_few_shot(path) == chosen
+
+
+def _official_generate_fewshot(data_source, num_shots):
+    """The official code's ``DatasetBase.generate_fewshot_dataset`` (datasets/utils.py),
+    restated: Python's global ``random``, classes in ``defaultdict`` insertion order."""
+    tracker = defaultdict(list)
+    for item in data_source:
+        tracker[item.label].append(item)
+    dataset = []
+    for _label, items in tracker.items():
+        if len(items) >= num_shots:
+            dataset.extend(random.sample(items, num_shots))
+        else:
+            dataset.extend(random.choices(items, k=num_shots))
+    return dataset
+
+
+@pytest.mark.parametrize(("shots", "seed"), [(1, 1), (2, 2), (4, 3), (16, 1)])
+def test_official_few_shot_replays_the_official_draw(shots, seed):
+    # Labels deliberately out of order in the file, and one short class (replacement).
+    train = _pool([9, 3, 12, 7])[::-1] + _pool([0, 0, 0, 0, 5])
+    val = _pool([6, 2, 6, 6, 1])
+    state = random.getstate()
+    try:
+        # main.py: set_random_seed(seed); then e.g. datasets/dtd.py draws val, then train.
+        random.seed(seed)
+        _official_generate_fewshot(val, min(shots, 4))
+        expected = _official_generate_fewshot(train, shots)
+    finally:
+        random.setstate(state)
+    got = official_few_shot(train, val, shots, seed)
+    assert got == expected
+    assert [s.label for s in got[:shots]] == [train[0].label] * shots  # insertion order, not sorted labels
+    assert official_few_shot(train, val, shots, seed + 1) != got
+
+
+def test_official_few_shot_imagenet_joint_draw():
+    train = _pool([30, 30, 30])
+    state = random.getstate()
+    try:
+        # datasets/imagenet.py: random.sample(items, shots + min(4, shots)); the first shots train.
+        random.seed(1)
+        expected = []
+        for label in range(3):
+            items = [s for s in train if s.label == label]
+            expected += random.sample(items, 8 + 4)[:8]
+    finally:
+        random.setstate(state)
+    assert official_few_shot(train, [], 8, 1, imagenet=True) == expected
+
+
+@pytest.mark.parametrize("key", ["oxford_pets", "oxford_flowers", "caltech101", "stanford_cars", "dtd"])
+def test_official_code_folder_names_are_accepted(tmp_path, key):
+    # The official datasets/<name>.py hard-code other folder names than DATASETS.md
+    # (OxfordPets, Flower102, Caltech101, StanfordCars, DTD): a $DATA laid out for it loads too.
+    spec = COOP_SPECS[key]
+    _coop_fixture(str(tmp_path), key, COOP_CASES[key])
+    shutil.move(str(tmp_path / spec.folder), str(tmp_path / spec.official_folder))
+    ds = load_dataset(key, str(tmp_path))
+    assert ds.classnames == list(COOP_CASES[key]) and os.path.isfile(ds.train[0].path)
+    assert os.path.join(str(tmp_path), spec.official_folder) in ds.train[0].path
 
 
 # --------------------------------------------------------------------------- bad inputs

@@ -16,7 +16,7 @@ from .datasets import (
     read_image,
     read_split_file,
 )
-from .sampler import check_shots, load_few_shot, sample_few_shot, save_few_shot
+from .sampler import check_shots, load_few_shot, official_few_shot, sample_few_shot, save_few_shot
 from .synthetic import make_synthetic, synthetic_classnames
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "load_few_shot",
     "load_image_folder",
     "make_synthetic",
+    "official_few_shot",
     "read_image",
     "read_split_file",
     "sample_few_shot",
