@@ -680,10 +680,12 @@ def lora_linear(
     use_triton = _use_triton(backend, device)
     if use_triton and x.dtype not in KERNEL_DTYPES:
         raise TypeError(f"the Triton kernels take fp16, bf16 or fp32, got {x.dtype}; use backend='torch'")
-    if isinstance(seed, torch.Tensor):
+    if dropout_p == 0.0:
+        seed = _unused_seed(device)
+    elif isinstance(seed, torch.Tensor):
         seed = seed.to(device=device, dtype=torch.int64).reshape(())
     else:
-        seed = torch.tensor(int(seed or 0) % SEED_MAX, device=device, dtype=torch.int64)
+        seed = torch.tensor(int(seed) % SEED_MAX, device=device, dtype=torch.int64)
 
     K = weight.shape[1]
     # The one place where a non-contiguous or 3-D input may be copied: the kernels take
@@ -697,6 +699,20 @@ def lora_linear(
     bounds = list(itertools.accumulate(slot_sizes))
     y, _h = lora_linear_fwd(x2, weight, bias, a_cat, b_cat, seed, bounds, adapted, float(scale), dropout_p, use_triton)
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+_UNUSED_SEEDS: dict[torch.device, torch.Tensor] = {}
+
+
+def _unused_seed(device: torch.device) -> torch.Tensor:
+    # Without dropout the kernels never read the seed, but the op needs a tensor.  Eager
+    # calls reuse one per device (no allocation per eval-mode call); a compiled graph
+    # creates its own, which costs nothing there.
+    if torch.compiler.is_compiling():
+        return torch.zeros((), device=device, dtype=torch.int64)
+    if device not in _UNUSED_SEEDS:
+        _UNUSED_SEEDS[device] = torch.zeros((), device=device, dtype=torch.int64)
+    return _UNUSED_SEEDS[device]
 
 
 def _param_dtype(params: Sequence[torch.Tensor | None]) -> torch.dtype:
