@@ -118,22 +118,25 @@ def test_autocast_keeps_fp32_masters_and_runs_in_half():
 class _Projection(torch.nn.Module):
     """Minimal module in the style the CLIP layer uses: seed drawn per call."""
 
-    def __init__(self):
+    def __init__(self, p: float):
         super().__init__()
+        self.p = p
         case = make_case(10, 16, [8, 8, 8], 2, [True, True, True], torch.float32)
         self.register_buffer("weight", case.weight)
         self.a = torch.nn.ParameterList([torch.nn.Parameter(t) for t in case.lora_a])
         self.b = torch.nn.ParameterList([torch.nn.Parameter(t) for t in case.lora_b])
 
     def forward(self, x):
-        seed = draw_seed(x.device)
-        y = lora_linear(x, self.weight, lora_a=list(self.a), lora_b=list(self.b), scale=0.5, dropout_p=0.25, seed=seed)
+        seed = draw_seed(x.device) if self.p > 0 else None
+        a, b = list(self.a), list(self.b)
+        y = lora_linear(x, self.weight, lora_a=a, lora_b=b, scale=0.5, dropout_p=self.p, seed=seed)
         return torch.nn.functional.gelu(y).sum()
 
 
-def test_torch_compile_fullgraph_no_graph_break():
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_torch_compile_fullgraph_no_graph_break(p):
     torch._dynamo.reset()
-    module = _Projection()
+    module = _Projection(p)
     x = torch.randn(10, 16)
     torch.manual_seed(0)
     eager = module(x)
