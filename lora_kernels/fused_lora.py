@@ -371,7 +371,9 @@ _CONFIGS: dict[tuple[str, bool, int], TileConfig] = {
     **{("forward", False, p): _T(64, 64, 32, 4, 2) for p in (64, 128, 256)},
     # Backward: BLOCK_K = 64, not 128: the epilogue holds the dX tile, the X tile, a
     # mask tile and the dH·A tile at once; at 128 wide it spills on sm_90.
-    **{("backward", True, p): _T(128, 64, 64, 8, 3) for p in (16, 32, 64)},
+    ("backward", True, 16): _T(128, 64, 64, 8, 3),
+    # Wider dH/dA tiles (S·R in 17..64) fit without spills only with 64-row tiles.
+    **{("backward", True, p): _T(64, 64, 64, 8, 3) for p in (32, 64)},
     **{("backward", True, p): _T(32, 32, 32, 4, 2) for p in (128, 256)},
     **{("backward", False, p): _T(32, 32, 32, 4, 2) for p in (16, 32, 64, 128, 256)},
 }
