@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import lora_kernels
-from lora_kernels.dropout import keep_scale
+from lora_kernels.reference import reference_lora_linear
 
 from .workloads import LayerShape
 
@@ -195,21 +195,14 @@ def layer_reference(case: LayerCase, *, lora: bool, p: float, seed: int | None =
     f64 = torch.float64
     x = case.x.detach().to(f64).requires_grad_()
     w, b = case.weight.to(f64), case.bias.to(f64)
-    y = x @ w.t() + b
     out: dict[str, torch.Tensor] = {}
     a_s = b_s = []
     if lora:
         a_s = [a.detach().to(f64).requires_grad_() for a in case.lora_a]
         b_s = [bb.detach().to(f64).requires_grad_() for bb in case.lora_b]
-        deltas = []
-        M, K = x.shape
-        for s, (a, bb) in enumerate(zip(a_s, b_s, strict=True)):
-            xs = x
-            if p > 0:
-                mask = lora_kernels.dropout_mask(seed, s, M, K, p, device=x.device)
-                xs = x * mask * keep_scale(p)  # 1 / P(keep) of the realised p
-            deltas.append(case.scale * (xs @ a.t()) @ bb.t())
-        y = y + torch.cat(deltas, dim=1)
+        y = reference_lora_linear(x, w, b, lora_a=a_s, lora_b=b_s, scale=case.scale, dropout_p=p, seed=seed)
+    else:
+        y = x @ w.t() + b
     y.backward(case.dy.to(f64))
     out["y"] = y.detach()
     out["dx"] = x.grad

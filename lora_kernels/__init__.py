@@ -1,12 +1,14 @@
 """Fused Triton kernels for LoRA linear layers (knows nothing of CLIP).
 
 ``lora_linear`` is the fused op (Triton on CUDA, the same math in PyTorch on CPU);
-``plain_lora_linear`` and ``official_style_lora_linear`` are the unfused baselines.
+``plain_lora_linear`` and ``official_style_lora_linear`` are the unfused baselines;
+``reference_lora_linear`` is the math written out, for checking (differentiate it in fp64).
 """
 
 from .dropout import dropout_mask
 from .fused_lora import MAX_RANK, MAX_SLOTS, draw_seed, lora_linear
 from .plain import official_style_lora_linear, plain_lora_linear
+from .reference import reference_lora_linear
 
 __all__ = [
     "MAX_RANK",
@@ -16,4 +18,5 @@ __all__ = [
     "lora_linear",
     "official_style_lora_linear",
     "plain_lora_linear",
+    "reference_lora_linear",
 ]

@@ -179,7 +179,7 @@ def ptxas_report(ptx: str, arch: int) -> dict:
 def report(spec: LaunchSpec, arch: int) -> dict:
     compiled = compile_spec(spec, arch)
     row = asdict(spec)
-    row.update(name=spec.name, arch=arch, shared_bytes=compiled.metadata.shared)
+    row.update(name=spec.name, arch=arch, default=spec.is_default, shared_bytes=compiled.metadata.shared)
     row.update(ptxas_report(compiled.asm["ptx"], arch))
     return row
 

@@ -351,17 +351,16 @@ def all_sr_pads() -> list[int]:
 
 
 # One launch configuration per (kernel, input precision, padded adapter width), chosen
-# from ahead-of-time builds for sm_90 and sm_80 (python -m lora_kernels.aot):
-# the widest tiles that neither spill nor exceed A100's 163 KiB of shared memory.
-# Half precision, SR_PAD <= 64 covers every rank up to 16 on q/k/v: those are the
-# tuned, spill-free defaults.  fp32 runs exact fp32 dots on the FMA units and wide
-# adapters (S·R > 64) hold [BLOCK_M, SR_PAD] accumulators, so both take small tiles.
+# from ahead-of-time builds for sm_90 and sm_80 (python -m lora_kernels.aot), not yet
+# from GPU timings: the widest tiles that fit A100's 163 KiB of shared memory and, on
+# sm_90 in half precision up to SR_PAD 64 (rank 21 on q/k/v), do not spill.  fp32 runs
+# exact fp32 dots on the FMA units and wide adapters hold [BLOCK_M, SR_PAD]
+# accumulators, so both take small tiles.  bench/NOTES.md lists what still spills.
 _T = TileConfig
 _CONFIGS: dict[tuple[str, bool, int], TileConfig] = {
     # The shrink is bound by mask hashing and the X read, not by its tiny dot: 32-row
     # tiles give ViT-B/16 (M = 6304) 197 programs, enough for all 132 SMs (64 rows: 99).
-    **{("shrink", True, p): _T(32, 0, 64, 4, 3) for p in (16, 32, 64)},
-    ("shrink", True, 128): _T(32, 0, 64, 4, 3),
+    **{("shrink", True, p): _T(32, 0, 64, 4, 3) for p in (16, 32, 64, 128)},
     ("shrink", True, 256): _T(32, 0, 32, 4, 2),
     **{("shrink", False, p): _T(32, 0, 64, 4, 3) for p in (16, 32, 64, 128)},
     ("shrink", False, 256): _T(32, 0, 32, 4, 2),

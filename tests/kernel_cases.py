@@ -1,9 +1,9 @@
 """Shared inputs and the fp64 reference for the kernel tests.
 
-The reference is written independently of the kernels' hand-derived backward: it
-builds the forward in fp64 from the public mask helper and lets autograd differentiate
-it.  Inputs are fresh random values (never zeros) at shapes that are not multiples of
-the block sizes.
+The reference (:func:`lora_kernels.reference.reference_lora_linear`) is independent of
+the kernels' hand-derived backward: it builds the forward in fp64 from the public mask
+helper and lets autograd differentiate it.  Inputs are fresh random values (never
+zeros) at shapes that are not multiples of the block sizes.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lora_kernels import dropout_mask, lora_linear
-from lora_kernels.dropout import keep_scale
+from lora_kernels import lora_linear
+from lora_kernels.reference import reference_lora_linear
 
 
 @dataclass
@@ -75,25 +75,13 @@ def run_fused(case: Case, *, p: float, seed: int, backend: str):
 
 def run_reference(case: Case, *, p: float, seed: int, dtype: torch.dtype = torch.float64):
     """The same quantities computed in ``dtype`` (fp64 by default) by autograd."""
-    M, K = case.x.shape
     x = case.x.to(dtype).requires_grad_()
     a = [t.to(dtype).requires_grad_() if t is not None else None for t in case.lora_a]
     b = [t.to(dtype).requires_grad_() if t is not None else None for t in case.lora_b]
-    y = x @ case.weight.to(dtype).t()
-    if case.bias is not None:
-        y = y + case.bias.to(dtype)
-    parts, start = [], 0
-    for s, n in enumerate(case.slot_sizes):
-        part = y[:, start : start + n]
-        if a[s] is not None:
-            xs = x
-            if p > 0:
-                mask = dropout_mask(seed, s, M, K, p, device=x.device)
-                xs = x * mask * keep_scale(p)
-            part = part + case.scale * ((xs @ a[s].t()) @ b[s].t())
-        parts.append(part)
-        start += n
-    out = torch.cat(parts, dim=1)
+    out = reference_lora_linear(
+        x, case.weight.to(dtype), case.bias.to(dtype) if case.bias is not None else None,
+        lora_a=a, lora_b=b, scale=case.scale, slot_sizes=case.slot_sizes, dropout_p=p, seed=seed,
+    )
     out.backward(case.dy.to(dtype))
     return [out.detach(), x.grad] + [t.grad for t in a if t is not None] + [t.grad for t in b if t is not None]
 

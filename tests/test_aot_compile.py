@@ -45,8 +45,7 @@ def _check(rows: list[dict], expected: list) -> None:
         if r["arch"] == 90 and r["kernel"] != "shrink" and r["dtype"] != "fp32":
             # fp32 inputs use exact fp32 dots (FMA units), not tensor cores.
             assert r["wgmma"], f"{r['name']} does not use wgmma on sm_90"
-        default = r["sr_pad"] == 16 and r["param_dtype"] == "fp32" and r["dtype"] != "fp32" and r["aligned"]
-        if default:
+        if r["default"] and r["aligned"]:
             assert r["spill_stores"] == 0 and r["spill_loads"] == 0, f"sm_{r['arch']} {r['name']} spills"
 
 

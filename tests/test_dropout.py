@@ -34,8 +34,9 @@ def test_rows_and_columns_are_not_patterned():
     # the row or the column would give rows/columns that are all kept or all dropped.
     mask = dropout_mask(77, 1, 400, 400, 0.25).double()
     for frac in (mask.mean(0), mask.mean(1)):
+        # 0.12 is 5.5 standard errors of a 400-sample mean (sqrt(0.75·0.25/400) = 0.022).
         assert frac.min() > 0.75 - 0.12 and frac.max() < 0.75 + 0.12
-    # Neighbouring rows are uncorrelated.
+    # Neighbouring rows are uncorrelated: 0.02 is 8 standard errors at 160 000 pairs.
     a, b = mask[:-1].flatten() - 0.75, mask[1:].flatten() - 0.75
     corr = (a * b).mean() / (a.square().mean() * b.square().mean()).sqrt()
     assert abs(corr.item()) < 0.02
