@@ -5,10 +5,24 @@ Our format is one safetensors file: the LoRA tensors under their state-dict keys
 metadata under ``"clip_lora"``, a JSON document::
 
     {"format_version": 1, "config": LoRAConfig.to_dict(), "model_name": "ViT-B-16" | null,
-     "towers": {"text": {"depth": 12, "width": 512}, "vision": {"depth": 12, "width": 768}}}
+     "towers": {"text": {"depth": 12, "width": 512}, "vision": {"depth": 12, "width": 768}},
+     "signature": {"text": {"width": 512, "layers": 12, "heads": 8, "context_length": 77,
+                            "vocab_size": 49408},
+                   "vision": {"width": 768, "layers": 12, "heads": 12, "image_size": [224, 224],
+                              "patch_size": [16, 16]}}}
+
+``signature`` holds each adapted tower's architecture, so that an adapter saved from
+ViT-B-32 is refused by a ViT-B-16 (same tower widths and depths, other patch size) even
+when the model was built by open_clip directly and carries no name.  Files written
+before the signature existed load with the older check (tower depth and width, plus the
+model name where both sides have one).
 
 One file keeps the write atomic: it is written to a temporary file in the same
-directory and moved into place with ``os.replace``.
+directory and moved into place with ``os.replace``.  Loading is atomic too: the whole
+file (keys, shapes, dtypes, config, signature, finite values) is checked before the
+model is touched, so a failed load leaves the model exactly as it was (same modules,
+tensors and ``requires_grad``).  Every failure is an :class:`~clip_lora.errors.AdapterFileError`
+(a ValueError) whose one-line message names the file.
 
 The official code (github.com/MaxZanella/CLIP-LoRA, ``loralib/utils.py``) saves
 ``{'weights': {'layer_<i>': {'q_proj'|'k_proj'|'v_proj'|'proj': {'w_lora_A' [r, d],
@@ -27,8 +41,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
+import pickle
+import uuid
 import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +55,100 @@ import torch.nn as nn
 
 from .attention import LoRAAttention
 from .config import LoRAConfig, position_blocks
+from .errors import AdapterFileError, ModelMismatchError, reason
 from .model import MODEL_NAME_ATTR
-from .patch import CONFIG_ATTR, lora_modules, lora_state_dict, patch_fused, patch_reference
-from .towers import tower_blocks, tower_shapes
+from .patch import CONFIG_ATTR, apply_patch, lora_modules, lora_state_dict, plan_patch
+from .towers import find_towers, tower_blocks, tower_shapes
 
 FORMAT_VERSION = 1
 METADATA_KEY = "clip_lora"
 OFFICIAL_SUFFIXES = (".pt", ".pth")
 OFFICIAL_PROJ = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "proj"}
+OFFICIAL_METADATA = ("r", "alpha", "encoder", "params", "position")
+
+
+# =============================================================================
+# Model signature
+# =============================================================================
+
+
+def _pair(value: Any) -> list[int] | None:
+    if value is None:
+        return None
+    if isinstance(value, (tuple, list)):
+        return [int(v) for v in value]
+    return [int(value), int(value)]
+
+
+def model_signature(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Each open_clip transformer tower's architecture: width, layers, heads, and the
+    vision tower's image and patch size or the text tower's context length and vocabulary."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, t in find_towers(model).items():
+        if t is None:
+            continue
+        sig: dict[str, Any] = {
+            "width": int(t.width),
+            "layers": len(t.resblocks),
+            "heads": int(getattr(t.resblocks[0].attn, "num_heads", 0)),
+        }
+        if name == "vision":
+            sig["image_size"] = _pair(getattr(model.visual, "image_size", None))
+            sig["patch_size"] = _pair(getattr(model.visual, "patch_size", None))
+        else:
+            owner = model if getattr(model, "transformer", None) is t else getattr(model, "text", model)
+            sig["context_length"] = getattr(owner, "context_length", None)
+            sig["vocab_size"] = getattr(owner, "vocab_size", None)
+        out[name] = sig
+    return out
+
+
+def _describe(name: str | None, signature: Mapping[str, Mapping[str, Any]]) -> str:
+    """A model for an error message: its name (if recorded) and its towers' architecture."""
+    parts = []
+    for tower, sig in sorted(signature.items()):
+        size = "x".join(map(str, sig.get("image_size") or [])) if tower == "vision" else None
+        extra = (
+            f"image {size}, patch {'x'.join(map(str, sig.get('patch_size') or []))}"
+            if tower == "vision"
+            else f"context {sig.get('context_length')}, vocab {sig.get('vocab_size')}"
+        )
+        parts.append(f"{tower} {extra}, width {sig.get('width')}, {sig.get('layers')} layers, {sig.get('heads')} heads")
+    return f"{name or 'an unnamed model'} [{'; '.join(parts)}]"
+
+
+def _check_model(model: nn.Module, info: Mapping[str, Any], path: Path) -> None:
+    """Refuse an adapter saved for another model (see the module docstring)."""
+    file_name, model_name = info.get("model_name"), getattr(model, MODEL_NAME_ATTR, None)
+    if file_name and model_name and file_name != model_name:
+        raise ModelMismatchError(
+            f"adapter {path} was saved for model {file_name!r}, this model is {model_name!r}; "
+            "load it into that model, or pass check_model=False if you know they match"
+        )
+    saved = info.get("signature")
+    if saved is None:  # written before signatures: the older, weaker check
+        shapes = tower_shapes(model)
+        for tower, want in info.get("towers", {}).items():
+            if shapes.get(tower) != want:
+                raise ModelMismatchError(
+                    f"adapter {path}: {tower} tower is {want} in the file, {shapes.get(tower)} in the model; "
+                    "load it into the model it was trained with"
+                )
+        return
+    ours = model_signature(model)
+    diffs = [
+        f"{tower} {key} is {value} in the file, {ours.get(tower, {}).get(key)} in the model"
+        for tower, sig in sorted(saved.items())
+        for key, value in sorted(sig.items())
+        if ours.get(tower, {}).get(key) != value
+    ]
+    if diffs:
+        mine = {t: ours.get(t, {}) for t in saved}
+        raise ModelMismatchError(
+            f"adapter {path} was saved for {_describe(file_name, saved)}, this model is "
+            f"{_describe(model_name, mine)}: {'; '.join(diffs)}; load it into the model it was trained with, "
+            "or pass check_model=False if you know they match"
+        )
 
 
 # =============================================================================
@@ -64,17 +166,68 @@ def _config_differences(file_cfg: LoRAConfig, model_cfg: LoRAConfig) -> list[str
     ]
 
 
-def _prepare_model(model: nn.Module, file_cfg: LoRAConfig, path: Path, fused: bool) -> None:
-    """Patch an unpatched model with the file's config, or check a patched one against it."""
+def _targets(
+    model: nn.Module, file_cfg: LoRAConfig, path: Path, fused: bool
+) -> tuple[dict[tuple[str, int], tuple[str, LoRAAttention]], Callable[[], None]]:
+    """The attentions the file's tensors go to, ``{(tower, block): (name, module)}``, and
+    a commit function.  A patched model must match the file's config; an unpatched one
+    gets new modules that are built here but installed only by the commit, after every
+    check has passed."""
     model_cfg = getattr(model, CONFIG_ATTR, None)
-    if model_cfg is None:
-        (patch_fused if fused else patch_reference)(model, file_cfg)
-        return
-    diffs = _config_differences(file_cfg, model_cfg)
-    if diffs:
-        raise ValueError(f"adapter {path} does not match the model's LoRA config: {'; '.join(diffs)}")
-    if any(m.merged for _, m in lora_modules(model)):
-        raise ValueError("model is merged: call clip_lora.unmerge(model) before loading an adapter")
+    names = {id(m): n for n, m in model.named_modules()}
+    targets: dict[tuple[str, int], tuple[str, LoRAAttention]] = {}
+    if model_cfg is not None:
+        diffs = _config_differences(file_cfg, model_cfg)
+        if diffs:
+            raise AdapterFileError(f"adapter {path} does not match the model's LoRA config: {'; '.join(diffs)}")
+        if any(m.merged for _, m in lora_modules(model)):
+            raise ValueError("model is merged: call clip_lora.unmerge(model) before loading an adapter")
+        for tower in ("text", "vision"):
+            if find_towers(model)[tower] is None:
+                continue
+            for i, block in enumerate(tower_blocks(model, tower)):
+                if isinstance(block.attn, LoRAAttention):
+                    targets[(tower, i)] = (f"{names[id(block)]}.attn", block.attn)
+        return targets, lambda: None
+    provider = "fused" if fused else "plain"
+    try:
+        planned = plan_patch(model, file_cfg, provider)
+    except ValueError as e:
+        raise AdapterFileError(f"adapter {path}: its config does not fit this model: {reason(e)}") from None
+    new_of = {id(block): new for block, new in planned}
+    for tower in file_cfg.towers:
+        for i, block in enumerate(tower_blocks(model, tower)):
+            if id(block) in new_of:
+                targets[(tower, i)] = (f"{names[id(block)]}.attn", new_of[id(block)])
+    return targets, lambda: apply_patch(model, planned, file_cfg, provider)
+
+
+def _check_tensor(path: Path, key: str, value: Any, want: torch.Tensor) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise AdapterFileError(f"adapter {path}: {key} is a {type(value).__name__}, not a tensor; the file is corrupt")
+    if tuple(value.shape) != tuple(want.shape):
+        raise AdapterFileError(
+            f"adapter {path}: {key} is {tuple(value.shape)} in the file, {tuple(want.shape)} in the model; "
+            "was it saved for another model?"
+        )
+    if not value.is_floating_point():
+        raise AdapterFileError(f"adapter {path}: {key} has dtype {value.dtype}, expected a floating-point tensor")
+    if not bool(torch.isfinite(value).all()):
+        raise AdapterFileError(
+            f"adapter {path}: {key} holds non-finite values (NaN or inf): the training that wrote it diverged; "
+            "retrain with a lower --lr or --precision bf16"
+        )
+
+
+def _check_readable(path: Path) -> None:
+    if not path.exists():
+        raise AdapterFileError(f"adapter {path} not found: pass the path of an adapter file")
+    if path.is_dir():
+        raise AdapterFileError(
+            f"adapter {path} is a directory: pass the adapter file inside it (e.g. {path / 'adapter.safetensors'})"
+        )
+    if path.stat().st_size == 0:
+        raise AdapterFileError(f"adapter {path} is empty (0 bytes): the write was interrupted; retrain or re-copy it")
 
 
 # =============================================================================
@@ -84,22 +237,29 @@ def _prepare_model(model: nn.Module, file_cfg: LoRAConfig, path: Path, fused: bo
 
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     """Write the adapters of a patched ``model`` and its config to ``path`` (safetensors),
-    atomically: a crash mid-write leaves any previous file at ``path`` intact."""
+    atomically: a crash mid-write leaves any previous file at ``path`` intact.  The file
+    gets the process umask's mode, like any other file the run writes."""
     config = getattr(model, CONFIG_ATTR, None)
     if config is None:
         raise ValueError("model is not patched: there is no adapter to save (call clip_lora.patch_fused first)")
     path = Path(path)
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in lora_state_dict(model).items()}
+    bad = [k for k, t in tensors.items() if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(f"not saving {path}: the adapters hold non-finite values (e.g. {bad[0]}); training diverged")
+    signature = model_signature(model)
     info = {
         "format_version": FORMAT_VERSION,
         "config": config.to_dict(),
         "model_name": getattr(model, MODEL_NAME_ATTR, None),
         "towers": tower_shapes(model),
+        "signature": {t: signature[t] for t in config.towers if t in signature},
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    # Created by hand rather than with mkstemp, whose 0600 mode would survive the rename.
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
-        safetensors.torch.save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(info)})
+        safetensors.torch.save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(info)})
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -107,48 +267,94 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The tensors and the JSON info of one of our adapter files."""
-    with safetensors.safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if METADATA_KEY not in meta:
-            raise ValueError(f"{path} is not a clip_lora adapter file (no {METADATA_KEY!r} metadata)")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    info = json.loads(meta[METADATA_KEY])
-    if info.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: adapter format version {info.get('format_version')} is not {FORMAT_VERSION}")
+    """The tensors and the JSON info of one of our adapter files (not yet checked against
+    any model); an unreadable or malformed file raises :class:`AdapterFileError`."""
+    path = Path(path)
+    _check_readable(path)
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error type, or OSError/ValueError
+        raise AdapterFileError(
+            f"adapter {path} is not a readable safetensors file ({reason(e)}): it is truncated or corrupt, or not "
+            "an adapter; use a file written by `clip-lora train` / clip_lora.save_adapter, or an official .pt"
+        ) from None
+    if METADATA_KEY not in meta:
+        raise AdapterFileError(
+            f"adapter {path} is not a clip_lora adapter file (no {METADATA_KEY!r} metadata); "
+            "use a file written by clip_lora.save_adapter"
+        )
+    try:
+        info = json.loads(meta[METADATA_KEY])
+    except json.JSONDecodeError as e:
+        raise AdapterFileError(
+            f"adapter {path}: its {METADATA_KEY!r} metadata is not valid JSON ({e}); the file is corrupt"
+        ) from None
+    if not isinstance(info, dict) or info.get("format_version") != FORMAT_VERSION:
+        version = info.get("format_version") if isinstance(info, dict) else None
+        raise AdapterFileError(
+            f"adapter {path}: format version {version!r} is not {FORMAT_VERSION}; "
+            "it was written by another clip_lora version, or the metadata is corrupt"
+        )
+    for key, kind in (("config", dict), ("towers", dict), ("signature", (dict, type(None)))):
+        if key not in info and key != "signature":
+            raise AdapterFileError(f"adapter {path}: its metadata has no {key!r} entry; the file is corrupt")
+        if not isinstance(info.get(key), kind):
+            raise AdapterFileError(f"adapter {path}: its metadata {key!r} entry is malformed; the file is corrupt")
     return tensors, info
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, *, fused: bool = True) -> nn.Module:
+def _file_config(info: Mapping[str, Any], path: Path) -> LoRAConfig:
+    try:
+        return LoRAConfig.from_dict(info["config"])
+    except (TypeError, ValueError) as e:
+        raise AdapterFileError(
+            f"adapter {path}: its LoRA config is invalid ({reason(e)}); the file is corrupt"
+        ) from None
+
+
+def load_adapter(
+    model: nn.Module, path: str | os.PathLike, *, fused: bool = True, check_model: bool = True
+) -> nn.Module:
     """Load adapter weights into ``model`` (in place) and return it.
 
     ``path`` is one of our safetensors files, or an official CLIP-LoRA ``.pt``/``.pth``
-    file (see :func:`load_official_adapter`).  An unpatched model is first patched with
-    the file's config (fused kernels unless ``fused=False``); a patched one must match
-    the file's config, model name and tower shapes, or a ValueError names the difference.
+    file (see :func:`load_official_adapter`).  An unpatched model is patched with the
+    file's config (fused kernels unless ``fused=False``); a patched one must match the
+    file's config.  The file's tower signature must match the model's (an adapter for
+    ViT-B-32 is refused by ViT-B-16): ``check_model=False`` skips that check for users
+    who know the models are compatible (shapes are still checked).
+
+    Everything is checked before the model is touched: on any error
+    (:class:`~clip_lora.errors.AdapterFileError`) the model is exactly as before.
     """
     path = Path(path)
     if path.suffix in OFFICIAL_SUFFIXES:
         return load_official_adapter(model, path, fused=fused)
     tensors, info = read_adapter(path)
-    file_name, model_name = info.get("model_name"), getattr(model, MODEL_NAME_ATTR, None)
-    if file_name and model_name and file_name != model_name:
-        raise ValueError(f"adapter {path} was saved for model {file_name!r}, this model is {model_name!r}")
-    shapes = tower_shapes(model)
-    for tower, saved in info["towers"].items():
-        if shapes.get(tower) != saved:
-            raise ValueError(f"adapter {path}: {tower} tower is {saved} in the file, {shapes.get(tower)} in the model")
-    _prepare_model(model, LoRAConfig.from_dict(info["config"]), path, fused)
-    own = lora_state_dict(model)
-    if set(own) != set(tensors):
-        missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
-        raise ValueError(f"adapter {path} keys differ from the model's: missing {missing[:4]}, unexpected {extra[:4]}")
+    if check_model:
+        _check_model(model, info, path)
+    file_cfg = _file_config(info, path)
+    targets, commit = _targets(model, file_cfg, path, fused)
+    want = {
+        f"{name}.{kind}.{p}": getattr(m, kind)[p]
+        for name, m in targets.values()
+        for kind in ("lora_A", "lora_B")
+        for p in m.params
+    }
+    if set(want) != set(tensors):
+        missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
+        raise AdapterFileError(
+            f"adapter {path} keys differ from the model's: missing {missing[:4]}, unexpected {extra[:4]}; "
+            "was it saved for another model?"
+        )
+    for key, target in want.items():
+        _check_tensor(path, key, tensors[key], target)
     with torch.no_grad():
-        for key, target in own.items():
-            if target.shape != tensors[key].shape:
-                got, want = tuple(tensors[key].shape), tuple(target.shape)
-                raise ValueError(f"adapter {path}: {key} is {got} in the file, {want} in the model")
+        for key, target in want.items():
             target.copy_(tensors[key])
+    commit()
     return model
 
 
@@ -196,6 +402,32 @@ def _official_patch_config(model: nn.Module, cfg: LoRAConfig, position: str) -> 
     return cfg
 
 
+def read_official_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(weights, metadata)`` of an official CLIP-LoRA file, loaded with
+    ``weights_only=True`` (no code runs) and checked for the expected structure."""
+    path = Path(path)
+    _check_readable(path)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError) as e:
+        raise AdapterFileError(
+            f"adapter {path} cannot be read as an official CLIP-LoRA .pt file ({reason(e)}): it is truncated, "
+            "corrupt, or holds more than plain tensors and numbers"
+        ) from None
+    ok = isinstance(data, dict) and all(isinstance(data.get(k), dict) for k in ("weights", "metadata"))
+    if not ok:
+        raise AdapterFileError(
+            f"adapter {path} is not an official CLIP-LoRA adapter: expected a dict with 'weights' and 'metadata' dicts"
+        )
+    missing = [k for k in OFFICIAL_METADATA if k not in data["metadata"]]
+    if missing:
+        raise AdapterFileError(
+            f"adapter {path}: its metadata has no {', '.join(map(repr, missing))} "
+            f"(the official code writes {', '.join(OFFICIAL_METADATA)}); add them or re-save the adapter"
+        )
+    return data["weights"], data["metadata"]
+
+
 def load_official_adapter(model: nn.Module, path: str | os.PathLike, *, fused: bool = True) -> nn.Module:
     """Import an adapter saved by the official CLIP-LoRA code (layout in the module docstring).
 
@@ -204,51 +436,59 @@ def load_official_adapter(model: nn.Module, path: str | os.PathLike, *, fused: b
     where the official table differs from ours, e.g. ViT-L/14 vision "up" = 8-11).  Where
     our config adapts more blocks than the official code did (ViT-L/14's vision "all" is
     blocks 0-20 there, 0-23 here), the extra adapters get B = 0, so the model computes
-    exactly what the official one did; a warning says so.
+    exactly what the official one did; a warning says so.  As with :func:`load_adapter`,
+    the whole file is checked first: a failed import leaves the model as it was.
     """
     path = Path(path)
-    data = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(data, dict) or "weights" not in data or "metadata" not in data:
-        raise ValueError(f"{path} is not an official CLIP-LoRA adapter (expected 'weights' and 'metadata')")
-    meta, weights = data["metadata"], data["weights"]
-    file_cfg = _official_config(meta)
-    if getattr(model, CONFIG_ATTR, None) is None:
-        file_cfg = _official_patch_config(model, file_cfg, meta["position"])
-    _prepare_model(model, file_cfg, path, fused)
-    order: list[tuple[str, int, LoRAAttention]] = []
-    for tower in file_cfg.towers:
-        blocks = tower_blocks(model, tower)
-        for i in official_blocks(meta["position"], len(blocks)):
-            attn = blocks[i].attn
-            if not isinstance(attn, LoRAAttention):
-                raise ValueError(
-                    f"{path}: the official code adapts {tower} block {i} for position {meta['position']!r}, "
-                    "which this model's config does not adapt"
-                )
-            order.append((tower, i, attn))
+    weights, meta = read_official_adapter(path)
+    try:
+        file_cfg = _official_config(meta)
+        if getattr(model, CONFIG_ATTR, None) is None:
+            file_cfg = _official_patch_config(model, file_cfg, meta["position"])
+        targets, commit = _targets(model, file_cfg, path, fused)
+        order: list[tuple[str, int, LoRAAttention]] = []
+        for tower in file_cfg.towers:
+            for i in official_blocks(meta["position"], len(tower_blocks(model, tower))):
+                if (tower, i) not in targets:
+                    raise AdapterFileError(
+                        f"{path}: the official code adapts {tower} block {i} for position {meta['position']!r}, "
+                        "which this model's config does not adapt"
+                    )
+                order.append((tower, i, targets[(tower, i)][1]))
+    except AdapterFileError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise AdapterFileError(f"adapter {path}: its metadata {meta} does not fit this model ({reason(e)})") from None
     if len(weights) != len(order):
-        raise ValueError(
+        raise AdapterFileError(
             f"{path} has {len(weights)} layers; encoder={file_cfg.encoder!r}, position={meta['position']!r} on this "
             f"model gives {len(order)} (text blocks first, then vision): was it saved for another backbone?"
         )
-    loaded: set[int] = set()
+    copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for idx, (tower, block, attn) in enumerate(order):
+        layer = weights.get(f"layer_{idx}")
+        if not isinstance(layer, dict):
+            raise AdapterFileError(
+                f"adapter {path}: no layer_{idx} ({tower} block {block}) among its weights "
+                f"{sorted(weights)[:4]}...; the layers must be numbered layer_0..layer_{len(order) - 1}"
+            )
+        for p in file_cfg.params:
+            entry = layer.get(OFFICIAL_PROJ[p])
+            for kind, ours in (("w_lora_A", attn.lora_A[p]), ("w_lora_B", attn.lora_B[p])):
+                key = f"layer_{idx}.{OFFICIAL_PROJ[p]}.{kind} ({tower} block {block})"
+                if not isinstance(entry, dict) or kind not in entry:
+                    raise AdapterFileError(f"adapter {path}: {key} is missing; the file is incomplete")
+                _check_tensor(path, key, entry[kind], ours)
+                copies.append((ours, entry[kind]))
+    loaded = {id(attn) for _, _, attn in order}
+    extra = [(name, m) for name, m in targets.values() if id(m) not in loaded]
     with torch.no_grad():
-        for idx, (tower, block, attn) in enumerate(order):
-            layer = weights[f"layer_{idx}"]
-            for p in file_cfg.params:
-                entry = layer[OFFICIAL_PROJ[p]]
-                for kind, ours in (("w_lora_A", attn.lora_A[p]), ("w_lora_B", attn.lora_B[p])):
-                    if tuple(entry[kind].shape) != tuple(ours.shape):
-                        raise ValueError(
-                            f"{path}: layer_{idx} ({tower} block {block}) {OFFICIAL_PROJ[p]}.{kind} is "
-                            f"{tuple(entry[kind].shape)}, the model expects {tuple(ours.shape)}"
-                        )
-                    ours.copy_(entry[kind])
-            loaded.add(id(attn))
-        extra = [(name, m) for name, m in lora_modules(model) if id(m) not in loaded]
+        for ours, value in copies:
+            ours.copy_(value)
         for _, m in extra:
             for b in m.lora_B.values():
                 b.zero_()
+    commit()
     if extra:
         warnings.warn(
             f"{path}: the official code did not adapt {len(extra)} of this model's patched attentions "

@@ -41,12 +41,14 @@ def is_lora_key(key: str) -> bool:
     return ".lora_A." in key or ".lora_B." in key
 
 
-def _patch(model: nn.Module, config: LoRAConfig, provider: str) -> nn.Module:
+def plan_patch(model: nn.Module, config: LoRAConfig, provider: str) -> list[tuple[nn.Module, LoRAAttention]]:
+    """The ``(block, new attention)`` pairs that patching would install, built without
+    touching ``model``: an unsupported block, or a caller's later check (an adapter file
+    that does not fit), leaves the model intact."""
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"config must be a clip_lora.LoRAConfig, got {type(config).__name__}")
     if next(lora_modules(model), None) is not None:
         raise ValueError("model is already patched; call clip_lora.unpatch(model) first")
-    # Build every replacement before touching the model: an unsupported block leaves it intact.
     replacements = []
     for tower in config.towers:
         blocks = tower_blocks(model, tower)
@@ -60,6 +62,13 @@ def _patch(model: nn.Module, config: LoRAConfig, provider: str) -> nn.Module:
                 provider=provider,
             )
             replacements.append((blocks[i], new))
+    return replacements
+
+
+def apply_patch(
+    model: nn.Module, replacements: list[tuple[nn.Module, LoRAAttention]], config: LoRAConfig, provider: str
+) -> nn.Module:
+    """Install :func:`plan_patch`'s replacements (cannot fail half-way: no checks left)."""
     setattr(model, _REQUIRES_GRAD_ATTR, {n: p.requires_grad for n, p in model.named_parameters()})
     for block, new in replacements:
         block.attn = new
@@ -70,6 +79,10 @@ def _patch(model: nn.Module, config: LoRAConfig, provider: str) -> nn.Module:
     setattr(model, CONFIG_ATTR, config)
     setattr(model, PROVIDER_ATTR, provider)
     return model
+
+
+def _patch(model: nn.Module, config: LoRAConfig, provider: str) -> nn.Module:
+    return apply_patch(model, plan_patch(model, config, provider), config, provider)
 
 
 def patch_fused(model: nn.Module, config: LoRAConfig | None = None) -> nn.Module:
@@ -150,16 +163,30 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def load_base_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
     """Load an open_clip checkpoint (no LoRA keys) into a patched model.
 
-    ``model.load_state_dict(sd, strict=True)`` would report the adapters as missing;
-    this loads non-strictly and raises unless the adapters are all that is missing.
-    The adapters keep their values.
+    ``model.load_state_dict(sd, strict=True)`` would report the adapters as missing.
+    Here the whole state dict is checked first (keys: only the adapters may be missing;
+    shapes; floating-point tensors where the model has them; finite values); only then
+    is anything copied, so a ValueError leaves the model exactly as it was.  The
+    adapters keep their values.
     """
     if any(m.merged for _, m in lora_modules(model)):
         raise ValueError("model is merged: call clip_lora.unmerge(model) before loading base weights")
-    result = model.load_state_dict(state_dict, strict=False)
-    missing = [k for k in result.missing_keys if not is_lora_key(k)]
-    if missing or result.unexpected_keys:
+    own = {k: v for k, v in model.state_dict().items() if not is_lora_key(k)}
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    if missing or unexpected:
         raise ValueError(
             f"state dict does not match the model: missing {missing[:5]}{'…' if len(missing) > 5 else ''}, "
-            f"unexpected {result.unexpected_keys[:5]}{'…' if len(result.unexpected_keys) > 5 else ''}"
+            f"unexpected {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}"
         )
+    for key, target in own.items():
+        value = state_dict[key]
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"state dict entry {key} is a {type(value).__name__}, not a tensor")
+        if value.shape != target.shape:
+            raise ValueError(f"state dict entry {key} is {tuple(value.shape)}, the model expects {tuple(target.shape)}")
+        if target.is_floating_point() != value.is_floating_point():
+            raise ValueError(f"state dict entry {key} has dtype {value.dtype}, the model expects {target.dtype}")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"state dict entry {key} holds non-finite values (NaN or inf)")
+    model.load_state_dict(state_dict, strict=False)
