@@ -49,6 +49,22 @@ def _pretrained(value: str) -> str | None:
     return None if value.lower() in ("", "none", "random") else value
 
 
+def _positive_int(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return n
+
+
+def _positive_float(value: str) -> float:
+    import math
+
+    x = float(value)
+    if not (math.isfinite(x) and x > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
+    return x
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="ViT-B-16", help="open_clip name (ViT-B-16, ViT-B-32, ViT-L-14) or config JSON")
@@ -59,7 +75,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="weights: 'openai' (the paper), another open_clip tag, or a local checkpoint path; "
         "omitted: random init (warns loudly)",
     )
-    g.add_argument("--image-size", type=int, default=None, help="override the input size (small CPU runs only)")
+    g.add_argument(
+        "--image-size", type=_positive_int, default=None, help="override the input size (small CPU runs only)"
+    )
     g.add_argument("--precision", default="auto", choices=("auto", "fp16", "bf16", "fp32"))
     g.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True, help="fused kernels or plain LoRA")
 
@@ -84,7 +102,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=32, help="global batch (split across processes)")
     g.add_argument("--iters-per-shot", type=int, default=500, help="total iterations = this x shots")
     g.add_argument("--iterations", type=int, default=None, help="total iterations (overrides --iters-per-shot)")
-    g.add_argument("--logit-scale", type=float, default=100.0)
+    g.add_argument("--logit-scale", type=_positive_float, default=100.0)
     g.add_argument("--template", default="a photo of a {}.")
     g = p.add_argument_group("run")
     g.add_argument("--eval-batch-size", type=int, default=128)
@@ -153,13 +171,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
     output = args.output or run_folder("runs", args.dataset, args.model, args.shots, args.seed)
-    metrics = train(_train_config(args, args.dataset, args.shots, args.seed, output))
+    metrics = train(_train_config(args, args.dataset, args.shots, args.seed, output), force=args.force)
     if _is_main():
-        zs = metrics["zero_shot_accuracy"]
+        zs = metrics.get("zero_shot_accuracy")
+        done = "  already finished, not retrained (--force retrains)" if metrics.get("already_finished") else ""
         print(
-            f"{metrics['display_name']} {args.shots}-shot seed {args.seed}: "
+            f"{metrics.get('display_name', args.dataset)} {args.shots}-shot seed {args.seed}: "
             + (f"zero-shot {zs:.2f}% -> " if zs is not None else "")
-            + f"{metrics['accuracy']:.2f}%  (run folder: {output})"
+            + f"{metrics['accuracy']:.2f}%  (run folder: {output}){done}"
         )
     return 0
 
@@ -174,8 +193,14 @@ def evaluate_run(run: str, *, root: str | None = None, batch_size: int | None = 
     cfg_path = os.path.join(run, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{cfg_path} not found: --run must be a folder written by `clip-lora train`")
-    with open(cfg_path, encoding="utf-8") as f:
-        cfg = TrainConfig.from_dict(json.load(f))
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            cfg = TrainConfig.from_dict(json.load(f))
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            f"{cfg_path} is not a valid run configuration ({type(e).__name__}: {e}); "
+            "restore it or retrain the run with `clip-lora train`"
+        ) from None
     if root:
         cfg.root = root
     _, _, device, _ = init_distributed()
@@ -208,19 +233,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from .adapters import load_adapter
         from .data import load_dataset
         from .evaluate import evaluate
-        from .model import create_model
-        from .train import RANDOM_INIT_WARNING, register_model_config
+        from .train import RANDOM_INIT_WARNING, create_checked_model
 
         if args.pretrained is None:
             print(RANDOM_INIT_WARNING, file=sys.stderr)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         kwargs = {"force_image_size": args.image_size} if args.image_size else {}
         torch.manual_seed(args.seed)
-        model, _, preprocess_val, tokenizer = create_model(
-            register_model_config(args.model), pretrained=args.pretrained, lora=None, **kwargs
+        model, _, preprocess_val, tokenizer = create_checked_model(
+            args.model, args.pretrained, lora=None, fused=args.fused, **kwargs
         )
         if args.adapter:
-            load_adapter(model, args.adapter, fused=args.fused)
+            load_adapter(model, args.adapter, fused=args.fused, check_model=not args.ignore_model_mismatch)
         data = load_dataset(args.dataset, args.root)
         result = evaluate(
             model.to(device),
@@ -409,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clip-lora", description="CLIP-LoRA few-shot adaptation with fused LoRA kernels."
     )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="one dataset x shots x seed (torchrun for several processes)")
@@ -417,6 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shots", type=int, default=16)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--output", default=None, help="run folder (default runs/<dataset>/<model>/<k>shots/seed<s>)")
+    p.add_argument("--force", action="store_true", help="retrain a finished run folder from the start")
     _add_train_args(p)
     p.set_defaults(func=cmd_train)
 
@@ -429,6 +455,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--output", default=None, help="write the result as JSON here")
+    p.add_argument(
+        "--ignore-model-mismatch",
+        action="store_true",
+        help="load --adapter even if it was saved for another model architecture (shapes are still checked)",
+    )
     _add_model_args(p)
     p.set_defaults(func=cmd_eval)
 
@@ -467,22 +498,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("datasets", help="print the folder layout each dataset expects")
     p.set_defaults(func=cmd_datasets)
+    for p in sub.choices.values():  # also after the command; SUPPRESS keeps a --debug given before it
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command; bad input and failed runs end in one line on stderr and exit 2
+    (``--debug``: the full traceback instead)."""
     args = build_parser().parse_args(argv)
     from .data import DatasetError
+    from .errors import ClipLoRAError
 
     try:
         return args.func(args)
-    except (DatasetError, ValueError, FileNotFoundError) as e:
-        # Bad input: one clear line, not a traceback.  An error raised in a data-loading
-        # worker arrives with the worker's traceback in its message; its last line is ours.
+    except (ClipLoRAError, DatasetError, ValueError, FileNotFoundError) as e:
+        if args.debug:
+            raise
+        # An error raised in a data-loading worker arrives with the worker's traceback in
+        # its message; its last line is ours.
         msg = str(e).strip()
         if "Original Traceback" in msg:
             msg = msg.splitlines()[-1].split(": ", 1)[-1]
-        print(f"clip-lora {args.command}: error: {msg}", file=sys.stderr)
+        msg = " ".join(msg.split("\n"))
+        print(f"clip-lora {args.command}: error: {msg} (--debug shows the traceback)", file=sys.stderr)
         return 2
 
 

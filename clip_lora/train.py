@@ -14,6 +14,13 @@ Reproducibility: the batch order is a function of (seed, iteration), each image'
 augmentation is seeded by (seed, iteration, position in the global batch), and the
 checkpoint holds every rank's RNG state (LoRA dropout draws its seeds from torch's
 generator), so a resumed run ends with the same adapter as an uninterrupted one.
+
+Reliability: one process writes a run folder at a time (an ``fcntl.flock`` on
+``.lock``, which the OS releases when the holder dies); a finished run is not retrained
+unless ``force``; the checkpoint holds only tensors and plain values and is read with
+``torch.load(weights_only=True)``; a non-finite loss stops the run with
+:class:`~clip_lora.errors.DivergenceError`, keeping the last finite checkpoint and
+writing no adapter.
 """
 
 from __future__ import annotations
@@ -21,11 +28,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import random
 import resource
 import sys
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -38,16 +47,19 @@ import torchvision.transforms as T
 
 from .config import LoRAConfig
 from .data import (
+    DatasetError,
     DatasetSplits,
     ImageDataset,
     Sample,
     canonical_name,
+    check_images,
     check_shots,
     display_name,
     load_dataset,
     official_few_shot,
     save_few_shot,
 )
+from .errors import CheckpointError, ClipLoRAError, DivergenceError, PretrainedError, RunLockedError, reason
 from .evaluate import LOGIT_SCALE, TEMPLATE, autocast, evaluate, resolve_precision, text_features
 from .text import class_prompts, encode_text_trimmed
 
@@ -63,6 +75,18 @@ ADAPTER_FILE = "adapter.safetensors"
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.json"
 FEW_SHOT_FILE = "few_shot.json"
+CONFIG_FILE = "config.json"
+LOCK_FILE = ".lock"
+# Losses are copied to the host (one sync) every this many iterations and checked there.
+LOSS_CHECK_EVERY = 10
+# fp16 + GradScaler: a non-finite loss skips the step and halves the scale, which is
+# normal.  Only this many non-finite losses in a row count as divergence: more than the
+# 16 halvings that take the default scale (65536) to 1.
+SCALER_PATIENCE = 20
+_CHECKPOINT_KEYS = (
+    "iteration", "recipe", "trainable", "optimizer", "scheduler", "scaler", "rng", "losses", "zero_shot",
+    "train_seconds",
+)  # fmt: skip
 
 # Settings that do not change the numbers: a resumed run may differ in these.
 _NON_RECIPE_FIELDS = {"output", "root", "num_workers", "checkpoint_every", "progress", "eval_batch_size", "device"}
@@ -135,6 +159,16 @@ class TrainConfig:
             raise ValueError("need lr > 0, weight_decay >= 0 and 0 <= eta_min <= lr")
         if self.checkpoint_every < 0 or self.num_workers < 0:
             raise ValueError("checkpoint_every and num_workers must be >= 0")
+        if self.image_size is not None and (
+            isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 1
+        ):
+            raise ValueError(
+                f"image_size must be a positive number of pixels (or None: the model's), got {self.image_size!r}"
+            )
+        if not isinstance(self.logit_scale, (int, float)) or not (
+            math.isfinite(self.logit_scale) and self.logit_scale > 0
+        ):
+            raise ValueError(f"logit_scale must be a finite number > 0 (the paper: 100), got {self.logit_scale!r}")
         if "{}" not in self.template:
             raise ValueError(f"template must contain '{{}}' for the class name, got {self.template!r}")
         resolve_precision(self.precision, torch.device("cpu"))  # validates the name only
@@ -263,7 +297,14 @@ class _GatherRows(torch.autograd.Function):
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    """This process's RNG streams as tensors and plain values (``weights_only`` loadable)."""
+    version, internal, gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": torch.tensor(internal, dtype=torch.int64),
+        "python_version": version,
+        "python_gauss": gauss,
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -271,9 +312,99 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
+    random.setstate((state["python_version"], tuple(state["python"].tolist()), state["python_gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class RunLock:
+    """One writer per run folder: an exclusive ``fcntl.flock`` on ``<folder>/.lock``.
+
+    The OS drops the lock when the holder's process ends, however it ends, so a lock
+    file left by a killed run never blocks its resume.  The file holds the holder's pid
+    for the error message only; it is never deleted (deleting a locked file would let a
+    third process lock a new file of the same name).
+    """
+
+    def __init__(self, folder: str):
+        self.folder, self.path, self._fd = folder, os.path.join(folder, LOCK_FILE), None
+
+    def acquire(self) -> RunLock:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock, as before
+            return self
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunLockedError(
+                f"run folder {self.folder} is in use by another clip-lora process (pid {holder}); "
+                "wait for it to finish or stop it, or use another --output"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+
+def remove_stray_temp_files(folder: str) -> list[str]:
+    """Delete the ``*.tmp*`` files that writes killed between "write temp" and "rename"
+    left in ``folder``; call only while holding the folder's :class:`RunLock`."""
+    removed = []
+    for entry in os.scandir(folder):
+        if entry.is_file(follow_symlinks=False) and ".tmp" in entry.name:
+            os.unlink(entry.path)
+            removed.append(entry.name)
+    return sorted(removed)
+
+
+def read_checkpoint(path: str) -> dict[str, Any]:
+    """A run's ``checkpoint.pt``, read with ``weights_only=True`` (no code runs on load);
+    a truncated, corrupt or foreign file raises :class:`CheckpointError`."""
+    fix = "delete it to restart the run from the beginning, or use another --output"
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError) as e:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({reason(e)}); {fix}") from None
+    missing = [k for k in _CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is not a clip-lora checkpoint (no {', '.join(missing)}); {fix}")
+    return ckpt
+
+
+def _broadcast(value: Any, world: int) -> Any:
+    """Rank 0's ``value`` on every rank (a no-op in one process)."""
+    if world == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _on_rank0(fn: Callable[[], Any], world: int, rank: int) -> Any:
+    """Run ``fn`` on rank 0 only and give every rank its result; if it raised a one-line
+    error, every rank raises it (the others would otherwise wait forever in the next
+    collective)."""
+    result, error = None, None
+    if rank == 0:
+        try:
+            result = fn()
+        except (ClipLoRAError, DatasetError, ValueError) as e:
+            if world == 1:
+                raise
+            error = e
+    result, error = _broadcast((result, error), world)
+    if error is not None:
+        raise error
+    return result
 
 
 def _peak_memory(device: torch.device) -> tuple[int, str]:
@@ -322,21 +453,69 @@ def init_distributed() -> tuple[int, int, torch.device, bool]:
     return dist.get_rank(), dist.get_world_size(), device, created
 
 
+def _check_pretrained_source(model: str, pretrained: str) -> None:
+    """A ``pretrained`` that is neither a file nor one of open_clip's tags for ``model``
+    fails here, before anything is built."""
+    import open_clip
+
+    if os.path.isdir(pretrained):
+        raise PretrainedError(f"--pretrained {pretrained} is a directory: give the checkpoint file inside it")
+    if os.path.exists(pretrained):
+        return
+    tags = open_clip.list_pretrained_tags_by_model(model) if model in open_clip.list_models() else []
+    if pretrained in tags or pretrained.startswith(("hf-hub:", "local-dir:")) or model.startswith("hf-hub:"):
+        return
+    raise PretrainedError(
+        f"--pretrained {pretrained}: no such file, and not an open_clip tag for {model} "
+        f"(tags: {', '.join(tags) or 'none'}); give a tag such as 'openai', or the path of a {model} checkpoint"
+    )
+
+
+def create_checked_model(
+    model: str, pretrained: str | None, *, lora: LoRAConfig | None, fused: bool = True, **kwargs: Any
+) -> tuple[nn.Module, Callable, Callable, Callable]:
+    """:func:`clip_lora.create_model`, with a bad ``pretrained`` (missing, garbage, another
+    architecture, other keys, non-finite values) reported as one :class:`PretrainedError`
+    that names the file, instead of open_clip's traceback."""
+    from .model import _check_model_name, create_model
+
+    name = register_model_config(model)
+    if pretrained is not None:
+        _check_pretrained_source(_check_model_name(name), pretrained)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Mm]odel initialized randomly.*")
+        try:
+            out = create_model(name, pretrained=pretrained, lora=lora, fused=fused, **kwargs)
+        except (RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError, OSError) as e:
+            if pretrained is None or isinstance(e, ClipLoRAError) or str(e).startswith("unknown open_clip model"):
+                raise
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            detail = " ".join(lines[:2])[:300]
+            raise PretrainedError(
+                f"--pretrained {pretrained} cannot be loaded into {name} ({type(e).__name__}: {detail}); "
+                f"give a checkpoint of {name} (or an open_clip tag such as 'openai'), or pick the matching --model"
+            ) from None
+    if pretrained is not None:
+        bad = [n for n, p in out[0].named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+        if bad:
+            raise PretrainedError(
+                f"--pretrained {pretrained} holds non-finite values (NaN or inf) in {len(bad)} tensors "
+                f"(e.g. {bad[0]}); the checkpoint is corrupt: download or export it again"
+            )
+    return out
+
+
 def build_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Callable, Callable]:
     """The LoRA-patched open_clip model, its test transform and tokenizer; seeded, so a
     random-init model is the same on every rank and in every run."""
-    from .model import create_model
-
     if cfg.pretrained is None:
         print(RANDOM_INIT_WARNING, file=sys.stderr)
-    kwargs = {"force_image_size": cfg.image_size} if cfg.image_size else {}
+    kwargs = {"force_image_size": cfg.image_size} if cfg.image_size is not None else {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*[Mm]odel initialized randomly.*")
-            model, _, preprocess_val, tokenizer = create_model(
-                register_model_config(cfg.model), pretrained=cfg.pretrained, lora=cfg.lora, fused=cfg.fused, **kwargs
-            )
+        model, _, preprocess_val, tokenizer = create_checked_model(
+            cfg.model, cfg.pretrained, lora=cfg.lora, fused=cfg.fused, **kwargs
+        )
     return model.to(device), preprocess_val, tokenizer
 
 
@@ -409,49 +588,194 @@ def _all_reduce_grads(params: Sequence[nn.Parameter]) -> None:
         offset += n
 
 
-def _few_shot(cfg: TrainConfig, data: DatasetSplits) -> list[Sample]:
+class DivergenceWatch:
+    """Decides from the host copies of the losses whether a run has diverged.
+
+    ``patience`` is how many non-finite losses in a row are tolerated: 0 without a
+    GradScaler (any NaN/inf loss is divergence: the optimiser step has already spread it
+    into the adapters), :data:`SCALER_PATIENCE` with fp16 + GradScaler (the scaler skips
+    such steps and lowers its scale; only a loss that stays non-finite beyond that
+    recovery counts).
+    """
+
+    def __init__(self, patience: int = 0):
+        self.patience, self.run, self.start = patience, 0, None
+
+    def update(self, losses: Sequence[float], first: int) -> int | None:
+        """Feed the losses of iterations ``first, first + 1, ...`` (1-based); returns the
+        iteration where the divergence began, or None."""
+        for i, value in enumerate(losses):
+            if math.isfinite(value):
+                self.run, self.start = 0, None
+                continue
+            if self.run == 0:
+                self.start = first + i
+            self.run += 1
+            if self.run > self.patience:
+                return self.start
+        return None
+
+
+def _few_shot(cfg: TrainConfig, data: DatasetSplits, main: bool) -> list[Sample]:
     if not data.train:
-        raise ValueError(f"{cfg.dataset}: the train split is empty")
+        raise DatasetError(f"{cfg.dataset}: the train split is empty; add training images")
+    counts = Counter(s.label for s in data.train)
+    # A partial ImageNet (absent wnid folders) keeps all 1000 classes in its classifier, as the paper does.
+    if data.name != "imagenet":
+        empty = [data.classnames[i] for i in range(data.num_classes) if counts[i] == 0]
+        if empty:
+            raise DatasetError(
+                f"{cfg.dataset}: class {empty[0]!r} has no training images"
+                + (f" (nor do {len(empty) - 1} other classes)" if len(empty) > 1 else "")
+                + "; add training images for it, or remove the class"
+            )
+    few = [(data.classnames[label], n) for label, n in sorted(counts.items()) if n < cfg.shots]
+    if few and main:
+        name, n = few[0]
+        warnings.warn(
+            f"class {name!r} has {n} training images, fewer than --shots {cfg.shots}"
+            + (f" (and {len(few) - 1} more classes)" if len(few) > 1 else "")
+            + ": the sampler repeats images to fill its shots, as CoOp does",
+            stacklevel=3,
+        )
     # The official code's draw for this seed (its validation draw included), so seed k
     # trains on the very images the official seed k does.
     return official_few_shot(data.train, data.val, cfg.shots, cfg.seed, imagenet=data.name == "imagenet")
 
 
-def train(cfg: TrainConfig, *, stop_after: int | None = None) -> dict[str, Any]:
+def _finished_metrics(cfg: TrainConfig) -> dict[str, Any] | None:
+    """The metrics of a finished run in ``cfg.output`` (None: not finished); a finished
+    run of another configuration is an error rather than a silent skip."""
+    metrics_path = os.path.join(cfg.output, METRICS_FILE)
+    if not os.path.isfile(metrics_path):
+        return None
+    try:
+        with open(os.path.join(cfg.output, CONFIG_FILE), encoding="utf-8") as f:
+            saved = TrainConfig.from_dict(json.load(f)).recipe()
+        with open(metrics_path, encoding="utf-8") as f:
+            metrics = json.load(f)
+    except (OSError, ValueError, TypeError):
+        return None  # unreadable: not a finished run of ours, train it
+    ours = cfg.recipe()
+    if saved != ours:
+        diff = sorted(k for k in ours if saved.get(k) != ours[k])
+        raise ValueError(
+            f"{cfg.output} holds a finished run of a different configuration (differs in {diff}); "
+            "use --force to retrain it with this one, or another --output"
+        )
+    return metrics
+
+
+def train(cfg: TrainConfig, *, stop_after: int | None = None, force: bool = False) -> dict[str, Any]:
     """Run (or resume) one CLIP-LoRA training; returns the metrics written to ``metrics.json``.
 
     ``stop_after``: stop once that many iterations are done and checkpointed, as if the
     job had been killed there (returns ``{"interrupted": True, ...}``); calling
-    ``train`` again on the same folder resumes.
-    """
-    from .adapters import save_adapter
+    ``train`` again on the same folder resumes.  A folder that holds a finished run of
+    the same configuration is not retrained: its metrics come back with
+    ``"already_finished": True``, unless ``force`` (which starts over).
 
+    Raises :class:`~clip_lora.errors.RunLockedError` if another process writes to the
+    folder, and :class:`~clip_lora.errors.DivergenceError` if the loss becomes non-finite.
+    """
     rank, world, device, created_group = init_distributed()
     if cfg.device:
         device = torch.device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     try:
-        return _train(cfg, rank, world, device, precision, stop_after, save_adapter)
+        return _claim_and_train(cfg, rank, world, device, precision, stop_after, force)
     finally:
         if created_group:
             dist.destroy_process_group()
 
 
-def _train(cfg, rank, world, device, precision, stop_after, save_adapter) -> dict[str, Any]:
+def _claim_and_train(cfg, rank, world, device, precision, stop_after, force) -> dict[str, Any]:
+    """Lock the run folder (rank 0), clean it up, skip a finished run, then train."""
+    lock = RunLock(cfg.output)
+
+    def claim() -> tuple[list[str], dict[str, Any] | None]:
+        os.makedirs(cfg.output, exist_ok=True)
+        lock.acquire()
+        try:
+            removed = remove_stray_temp_files(cfg.output)
+            if force:
+                for name in (METRICS_FILE, ADAPTER_FILE, CHECKPOINT_FILE):
+                    if os.path.exists(path := os.path.join(cfg.output, name)):
+                        os.unlink(path)
+                return removed, None
+            return removed, _finished_metrics(cfg)
+        except BaseException:
+            lock.release()
+            raise
+
+    removed, finished = _on_rank0(claim, world, rank)
+    try:
+        log = _Log(os.path.join(cfg.output, "train.log") if rank == 0 else None)
+        if removed:
+            log(f"removed {len(removed)} temporary file(s) left by an interrupted write: {', '.join(removed)}")
+        if finished is not None:
+            log(
+                f"{cfg.output} is already finished (test accuracy {finished.get('accuracy', float('nan')):.2f}%); "
+                "not retraining (--force retrains)"
+            )
+            return {**finished, "already_finished": True}
+        return _train(cfg, rank, world, device, precision, stop_after, log)
+    finally:
+        lock.release()
+
+
+def train_step(
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    global_batch: int,
+    params: Sequence[nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    world: int = 1,
+) -> torch.Tensor:
+    """One optimisation step; returns the global batch's mean loss (on the device, no sync).
+
+    ``loss_fn(images, labels)`` is this rank's summed loss.  Each rank's share of the
+    global mean is back-propagated, the LoRA gradients are summed over ranks, then the
+    scaler (fp16) steps the optimiser and the schedule advances.
+    """
+    loss = loss_fn(images, labels) / global_batch
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if world > 1:
+        _all_reduce_grads(params)
+        loss = loss.detach().clone()
+        dist.all_reduce(loss)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    return loss.detach()
+
+
+def _train(cfg, rank, world, device, precision, stop_after, log) -> dict[str, Any]:
+    from .adapters import save_adapter
+    from .patch import lora_parameters
+
     main = rank == 0
-    os.makedirs(cfg.output, exist_ok=True)
-    log = _Log(os.path.join(cfg.output, "train.log") if main else None)
     ckpt_path = os.path.join(cfg.output, CHECKPOINT_FILE)
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False) if os.path.exists(ckpt_path) else None
+    ckpt = read_checkpoint(ckpt_path) if os.path.exists(ckpt_path) else None
     if ckpt is not None and ckpt["recipe"] != cfg.recipe():
         diff = sorted(k for k in cfg.recipe() if ckpt["recipe"].get(k) != cfg.recipe()[k])
         raise ValueError(
             f"{ckpt_path} was written by a different configuration (differs in {diff}); "
-            "use another --output folder or delete the checkpoint"
+            "use another --output folder, or --force to start over"
+        )
+    if ckpt is not None and len(ckpt["rng"]) != world:
+        raise CheckpointError(
+            f"checkpoint {ckpt_path} holds {len(ckpt['rng'])} ranks' RNG state; resume with that many processes"
         )
 
+    # ---- setup: data (every image checked before the model is built), model, optimiser
     data = load_dataset(cfg.dataset, cfg.root)
-    shots = _few_shot(cfg, data)
+    shots = _few_shot(cfg, data, main)
     total = cfg.total_iterations
     plan = BatchPlan(len(shots), min(cfg.batch_size, len(shots)), cfg.seed)
     if world > data.num_classes and cfg.lora.encoder != "vision":
@@ -461,8 +785,9 @@ def _train(cfg, rank, world, device, precision, stop_after, save_adapter) -> dic
             f"{world} processes but some batches hold only {plan.smallest_batch()} images; "
             "use fewer processes or more shots"
         )
+    _on_rank0(lambda: (check_images(shots, "training"), check_images(data.test, "test")), world, rank)
     if main:
-        write_json(os.path.join(cfg.output, "config.json"), cfg.to_dict())
+        write_json(os.path.join(cfg.output, CONFIG_FILE), cfg.to_dict())
         save_few_shot(
             os.path.join(cfg.output, FEW_SHOT_FILE),
             shots,
@@ -479,8 +804,6 @@ def _train(cfg, rank, world, device, precision, stop_after, save_adapter) -> dic
         )
 
     model, preprocess_val, tokenizer = build_model(cfg, device)
-    from .patch import lora_parameters
-
     params = lora_parameters(model)
     name_of = {id(p): n for n, p in model.named_parameters()}
     names = [name_of[id(p)] for p in params]
@@ -512,7 +835,7 @@ def _train(cfg, rank, world, device, precision, stop_after, save_adapter) -> dic
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     if ckpt is None:
-        start, losses, train_seconds = 0, [], 0.0
+        start, losses, train_seconds, last_checkpoint = 0, [], 0.0, None
         zero_shot = run_eval() if cfg.zero_shot else None
         if main and zero_shot:
             log(f"zero-shot test accuracy: {zero_shot['accuracy']:.2f}%")
@@ -521,15 +844,20 @@ def _train(cfg, rank, world, device, precision, stop_after, save_adapter) -> dic
         random.seed(cfg.seed * 7919 + rank)
     else:
         start, losses, train_seconds = ckpt["iteration"], list(ckpt["losses"]), ckpt["train_seconds"]
-        zero_shot = ckpt["zero_shot"]
+        last_checkpoint, zero_shot = start, ckpt["zero_shot"]
+        saved = ckpt["trainable"]
+        own = dict(zip(names, params, strict=True))
+        if set(saved) != set(own) or any(saved[n].shape != p.shape for n, p in own.items()):
+            raise CheckpointError(
+                f"checkpoint {ckpt_path} holds other adapter tensors than this model's; "
+                "delete it to restart the run, or use another --output"
+            )
         with torch.no_grad():
-            for n, p in zip(names, params, strict=True):
-                p.copy_(ckpt["trainable"][n])
+            for n, p in own.items():
+                p.copy_(saved[n])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
-        if len(ckpt["rng"]) != world:
-            raise ValueError(f"{ckpt_path} holds {len(ckpt['rng'])} ranks' RNG state; resume with that many processes")
         _set_rng_state(ckpt["rng"][rank])
         if main:
             log(f"resumed from {ckpt_path} at iteration {start}/{total}")
@@ -547,6 +875,21 @@ def _train(cfg, rank, world, device, precision, stop_after, save_adapter) -> dic
         pin_memory=device.type == "cuda",
         generator=torch.Generator(),  # keep the global RNG (dropout seeds) untouched
     )
+
+    def loss_fn(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return _loss_sum(
+            model,
+            images,
+            labels,
+            tokens=tokens if train_text else None,
+            fixed_text=fixed_text,
+            num_classes=data.num_classes,
+            train_vision=train_vision,
+            precision=precision,
+            logit_scale=cfg.logit_scale,
+            rank=rank,
+            world=world,
+        )
 
     def save_checkpoint(done: int) -> None:
         rng = [None] * world
@@ -571,6 +914,42 @@ def _train(cfg, rank, world, device, precision, stop_after, save_adapter) -> dic
             torch.save(state, tmp)
             os.replace(tmp, ckpt_path)
 
+    # ---- divergence: checked on the host copies of the losses, never a sync per step
+    watch = DivergenceWatch(SCALER_PATIENCE if scaler.is_enabled() else 0)
+    pending: list[torch.Tensor] = []  # losses not yet copied to the host
+
+    def diverged(at: int) -> DivergenceError:
+        value = losses[at - 1] if 0 < at <= len(losses) else float("nan")
+        kept = (
+            f"the last finite checkpoint (iteration {last_checkpoint}) stays in {ckpt_path}"
+            if last_checkpoint
+            else "no checkpoint was written"
+        )
+        msg = (
+            f"training diverged at iteration {at}/{total}: the loss is {value} (lr {cfg.lr:g}, {precision}); "
+            f"no adapter was written and {kept}. Try a lower --lr (e.g. {cfg.lr / 10:g}) or, on a GPU, "
+            "--precision bf16; then rerun with --force or another --output"
+        )
+        log(msg)
+        return DivergenceError(msg)
+
+    def flush() -> None:
+        """Copy the pending losses to the host (one sync) and check them."""
+        if not pending:
+            return
+        first = len(losses) + 1
+        losses.extend(torch.stack(pending).float().cpu().tolist())
+        pending.clear()
+        began = watch.update(losses[first - 1 :], first)
+        if began is not None:
+            raise diverged(began)
+
+    def check_adapters(it: int) -> None:
+        """Before anything is written: the adapters themselves are finite (one sync)."""
+        if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            raise diverged(watch.start or it)
+
+    # ---- loop
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model.train()
@@ -580,65 +959,55 @@ def _train(cfg, rank, world, device, precision, stop_after, save_adapter) -> dic
 
         bar = tqdm(total=total, initial=start, desc="train", unit="it", dynamic_ncols=True)
     t0 = time.perf_counter()
-    pending: list[torch.Tensor] = []  # losses not yet copied to the host (avoid a sync per step)
     seen = 0
     it = start
-    for images, labels in loader:
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        global_batch = len(plan.batch(it))
-        loss_sum = _loss_sum(
-            model,
-            images,
-            labels,
-            tokens=tokens if train_text else None,
-            fixed_text=fixed_text,
-            num_classes=data.num_classes,
-            train_vision=train_vision,
-            precision=precision,
-            logit_scale=cfg.logit_scale,
-            rank=rank,
-            world=world,
-        )
-        # Each rank's share of the global mean; the gradients are then summed over ranks.
-        loss = loss_sum / global_batch
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if world > 1:
-            _all_reduce_grads(params)
-            loss = loss.detach().clone()
-            dist.all_reduce(loss)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        pending.append(loss.detach())
-        seen += global_batch
-        it += 1
-        if bar is not None and (it % 10 == 0 or it == total):
-            losses.extend(torch.stack(pending).float().cpu().tolist())
-            pending.clear()
-            elapsed = time.perf_counter() - t0
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", img_s=f"{seen / max(elapsed, 1e-9):.1f}")
-            bar.update(it - bar.n)
-        if (cfg.checkpoint_every and it % cfg.checkpoint_every == 0 and it < total) or it == stop_after:
-            if pending:
-                losses.extend(torch.stack(pending).float().cpu().tolist())
-                pending.clear()
-            save_checkpoint(it)
-            if main:
-                log(f"iteration {it}/{total}: loss {losses[-1]:.4f}, lr {scheduler.get_last_lr()[0]:.3e}")
-        if it == stop_after:
-            if bar is not None:
-                bar.close()
-            return {"interrupted": True, "iteration": it}
-    if pending:
-        losses.extend(torch.stack(pending).float().cpu().tolist())
-    if bar is not None:
-        bar.close()
+    try:
+        for images, labels in loader:
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            global_batch = len(plan.batch(it))
+            pending.append(
+                train_step(
+                    loss_fn,
+                    images,
+                    labels,
+                    global_batch=global_batch,
+                    params=params,
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    scaler=scaler,
+                    world=world,
+                )
+            )
+            seen += global_batch
+            it += 1
+            if it % LOSS_CHECK_EVERY == 0 or it == total:
+                flush()
+                if bar is not None:
+                    elapsed = time.perf_counter() - t0
+                    bar.set_postfix(loss=f"{losses[-1]:.4f}", img_s=f"{seen / max(elapsed, 1e-9):.1f}")
+                    bar.update(it - bar.n)
+            if (cfg.checkpoint_every and it % cfg.checkpoint_every == 0 and it < total) or it == stop_after:
+                flush()
+                check_adapters(it)
+                save_checkpoint(it)
+                last_checkpoint = it
+                if main:
+                    log(f"iteration {it}/{total}: loss {losses[-1]:.4f}, lr {scheduler.get_last_lr()[0]:.3e}")
+            if it == stop_after:
+                return {"interrupted": True, "iteration": it}
+        flush()
+        check_adapters(total)
+    finally:
+        if bar is not None:
+            bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     train_seconds += time.perf_counter() - t0
     peak, peak_kind = _peak_memory(device)
 
+    # ---- finish: the adapter first, so that a failing final evaluation cannot lose it
+    if main:
+        save_adapter(model, os.path.join(cfg.output, ADAPTER_FILE))
     final = run_eval()
     metrics = {
         "dataset": data.name,
@@ -669,7 +1038,6 @@ def _train(cfg, rank, world, device, precision, stop_after, save_adapter) -> dic
         "versions": _versions(),
     }
     if main:
-        save_adapter(model, os.path.join(cfg.output, ADAPTER_FILE))
         write_json(os.path.join(cfg.output, METRICS_FILE), metrics)
         zs = f"zero-shot {zero_shot['accuracy']:.2f}% -> " if zero_shot else ""
         log(

@@ -359,14 +359,31 @@ def _load_imagenet(root: str) -> DatasetSplits:
         samples = []
         for w in wnids:
             d = os.path.join(split_dir, w)
-            samples += [Sample(os.path.join(d, f), label_of[w], classnames[label_of[w]]) for f in _list_images(d)]
+            files = _list_images(d)
+            if not files:
+                raise DatasetError(_empty_class_message(d, classnames[label_of[w]]))
+            samples += [Sample(os.path.join(d, f), label_of[w], classnames[label_of[w]]) for f in files]
         splits[split] = samples
     return DatasetSplits("imagenet", classnames, splits["train"], [], splits["val"], image_root, LAYOUTS["imagenet"])
 
 
-def _class_folders(path: str) -> dict[str, list[str]]:
+def _empty_class_message(folder: str, classname: str) -> str:
+    return (
+        f"class {classname!r}: folder {folder} holds no image files ({', '.join(IMAGE_EXTENSIONS)}); "
+        "add its images or remove the folder"
+    )
+
+
+def _class_folders(path: str, *, allow_empty: bool = False) -> dict[str, list[str]]:
+    """``{class folder name: image paths}``; an empty class folder is an error (it would
+    become a class with no images) unless ``allow_empty``."""
     classes = sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
-    return {c: [os.path.join(path, c, f) for f in _list_images(os.path.join(path, c))] for c in classes}
+    out = {c: [os.path.join(path, c, f) for f in _list_images(os.path.join(path, c))] for c in classes}
+    if not allow_empty:
+        for c, paths in out.items():
+            if not paths:
+                raise DatasetError(_empty_class_message(os.path.join(path, c), c))
+    return out
 
 
 def load_image_folder(path: str) -> DatasetSplits:
@@ -384,9 +401,9 @@ def load_image_folder(path: str) -> DatasetSplits:
             raise DatasetError(f"{train_dir}: no class folders; expected {LAYOUTS['folder']}")
         test_dir = os.path.join(path, "test")
         _require_dir(test_dir, f"a test/ folder next to train/ with the same class folders ({LAYOUTS['folder']})")
-        test_cls = _class_folders(test_dir)
+        test_cls = _class_folders(test_dir, allow_empty=True)
         val_dir = os.path.join(path, "val")
-        val_cls = _class_folders(val_dir) if os.path.isdir(val_dir) else {}
+        val_cls = _class_folders(val_dir, allow_empty=True) if os.path.isdir(val_dir) else {}
         classnames = sorted(train_cls)
         extra = sorted(set(test_cls) - set(train_cls) | set(val_cls) - set(train_cls))
         if extra:
@@ -406,7 +423,10 @@ def load_image_folder(path: str) -> DatasetSplits:
         for label, c in enumerate(classnames):
             paths = folders[c]
             if len(paths) < 2:
-                raise DatasetError(f"{os.path.join(path, c)}: needs at least 2 images to hold one out for testing")
+                raise DatasetError(
+                    f"class {c!r}: folder {os.path.join(path, c)} holds {len(paths)} image file(s); it needs at least "
+                    "2 to hold one out for testing"
+                )
             n_test = max(1, len(paths) // 5)
             train += [Sample(p, label, c) for p in paths[:-n_test]]
             test += [Sample(p, label, c) for p in paths[-n_test:]]
@@ -440,6 +460,31 @@ def read_image(path: str) -> Image.Image:
         raise DatasetError(f"image not found: {path}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DatasetError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+
+
+def check_images(samples: Sequence[Sample], what: str, *, workers: int = 8) -> None:
+    """Open every image's header (no decoding) and raise one :class:`DatasetError` naming
+    the first unreadable files, so that a bad image is found before a model is built or
+    hours are spent training, not at the final evaluation."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def problem(path: str) -> str | None:
+        try:
+            with Image.open(path):
+                return None
+        except FileNotFoundError:
+            return f"{path} (not found)"
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            return f"{path} ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})"
+
+    paths = sorted({s.path for s in samples})
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        bad = [p for p in pool.map(problem, paths) if p is not None]
+    if bad:
+        raise DatasetError(
+            f"{len(bad)} of {len(paths)} {what} images cannot be opened: {'; '.join(bad[:3])}"
+            f"{' ...' if len(bad) > 3 else ''}; replace or remove them (and their entries in the split file)"
+        )
 
 
 class ImageDataset(torch.utils.data.Dataset):
