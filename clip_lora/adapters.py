@@ -255,11 +255,14 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
         "towers": tower_shapes(model),
         "signature": {t: signature[t] for t in config.towers if t in signature},
     }
-    # Created by hand rather than with mkstemp, whose 0600 mode would survive the rename.
+    # Created by hand rather than with mkstemp, whose 0600 mode would survive the rename;
+    # safetensors recreates the file, so its umask-derived mode is put back after writing.
     tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
+        mode = os.stat(tmp).st_mode & 0o777
         safetensors.torch.save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(info)})
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
