@@ -384,15 +384,14 @@ def test_adapter_for_another_architecture_is_refused(setup, tmp_path):
     randomize_adapters(source)
     path = tmp_path / "p16.safetensors"
     save_adapter(source, path)
-    info = json.loads(safetensors.safe_open(str(path), framework="pt").metadata()["clip_lora"])
-    assert info["signature"]["vision"]["patch_size"] == [16, 16]
-    assert info["signature"]["text"]["context_length"] == 16 and info["signature"]["text"]["vocab_size"] == 49408
-
     other = plain("rel-tiny-p8.json")
     snap = _snapshot(other)
     with pytest.raises(ModelMismatchError, match=r"patch 16x16.*this model is .*patch 8x8.*check_model=False"):
         load_adapter(other, path, fused=False)
     _assert_unchanged(other, snap)
+    info = json.loads(safetensors.safe_open(str(path), framework="pt").metadata()["clip_lora"])
+    assert info["signature"]["vision"]["patch_size"] == [16, 16]
+    assert info["signature"]["text"]["context_length"] == 16 and info["signature"]["text"]["vocab_size"] == 49408
     load_adapter(other, path, fused=False, check_model=False)  # the explicit override
     for k, v in safetensors.torch.load_file(str(path)).items():
         assert torch.equal(other.state_dict()[k], v)
@@ -560,6 +559,28 @@ def test_debug_shows_the_traceback(setup, tmp_path):
 # =============================================================================
 # 6. Safety and data
 # =============================================================================
+
+
+class _Touch:
+    """A pickled object that runs code when unpickled without ``weights_only``."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.marker),))
+
+
+def test_checkpoint_with_code_is_refused_not_run(setup, capsys):
+    out = setup / "malicious"
+    assert train(_config(setup, out.name, iterations=3), stop_after=1)["interrupted"]
+    ckpt = torch.load(out / CHECKPOINT_FILE, weights_only=True)
+    marker = setup / "code_ran"
+    ckpt["zero_shot"] = _Touch(marker)
+    torch.save(ckpt, out / CHECKPOINT_FILE)
+    assert main(_train_args(setup, out, "--iterations", "3")) == 2
+    assert not marker.exists()
+    _one_line_error(capsys, str(out / CHECKPOINT_FILE), "delete it")
 
 
 def test_checkpoint_loads_with_weights_only_and_resume_matches(setup):
