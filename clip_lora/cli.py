@@ -401,7 +401,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         num_workers=0,
         checkpoint_every=0,
     )
-    metrics = train(cfg)
+    metrics = train(cfg, force=True)  # a demo always trains, whatever an earlier demo left
     again = evaluate_run(run, workers=0)
     chance = 100.0 / len(metrics["classnames"])
     print(
