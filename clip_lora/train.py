@@ -925,8 +925,9 @@ def _train(cfg, rank, world, device, precision, stop_after, log) -> dict[str, An
             if last_checkpoint
             else "no checkpoint was written"
         )
+        what = f"the loss is {value}" if not math.isfinite(value) else "the adapters hold non-finite values"
         msg = (
-            f"training diverged at iteration {at}/{total}: the loss is {value} (lr {cfg.lr:g}, {precision}); "
+            f"training diverged at iteration {at}/{total}: {what} (lr {cfg.lr:g}, {precision}); "
             f"no adapter was written and {kept}. Try a lower --lr (e.g. {cfg.lr / 10:g}) or, on a GPU, "
             "--precision bf16; then rerun with --force or another --output"
         )
