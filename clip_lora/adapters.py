@@ -5,7 +5,8 @@ Our format is one safetensors file: the LoRA tensors under their state-dict keys
 metadata under ``"clip_lora"``, a JSON document::
 
     {"format_version": 1, "config": LoRAConfig.to_dict(), "model_name": "ViT-B-16" | null,
-     "towers": {"text": {"depth": 12, "width": 512}, "vision": {"depth": 12, "width": 768}}}
+     "towers": {"text": {"depth": 12, "width": 512}, "vision": {"depth": 12, "width": 768}},
+     "activation": "quickgelu" | "gelu" | null}
 
 One file keeps the write atomic: it is written to a temporary file in the same
 directory and moved into place with ``os.replace``.
@@ -17,9 +18,11 @@ of its ``apply_lora``/``save_lora``: ``i`` counts the wrapped attention layers i
 order they were wrapped: the text tower's blocks first (if encoder is "text" or "both"),
 then the vision tower's, each in increasing block index and only the blocks its position
 table selects.  Those tables are ours for 12-block towers ("top" is its name for top1 in
-the ViT-B/16 vision table); for the 24-block ViT-L/14 vision tower it reuses the 12-block
-indices (bottom 0-3, ..., half-up 6-11) and its "all" is blocks 0-20.  Its scale is
-alpha/sqrt(r).
+the ViT-B/16 vision table).  Its 24-block ViT-L/14 vision table changed in official commit
+e6bf706: HEAD has only all 0-23, half-up 12-23 and half-bottom 0-11; before it, the
+12-block indices were reused (bottom 0-3, mid 4-7, up 8-11, half-up 6-11, half-bottom
+0-5) and "all" was blocks 0-20.  The files carry no version, so the layer count tells the
+two apart (see :func:`load_official_adapter`).  Its scale is alpha/sqrt(r).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import torch.nn as nn
 
 from .attention import LoRAAttention
 from .config import LoRAConfig, position_blocks
-from .model import MODEL_NAME_ATTR
+from .model import MODEL_NAME_ATTR, mlp_activation
 from .patch import CONFIG_ATTR, lora_modules, lora_state_dict, patch_fused, patch_reference
 from .towers import tower_blocks, tower_shapes
 
@@ -95,6 +98,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
         "config": config.to_dict(),
         "model_name": getattr(model, MODEL_NAME_ATTR, None),
         "towers": tower_shapes(model),
+        "activation": mlp_activation(model),  # an adapter fits the activation it was trained under
     }
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -134,6 +138,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, fused: bool = Tru
     file_name, model_name = info.get("model_name"), getattr(model, MODEL_NAME_ATTR, None)
     if file_name and model_name and file_name != model_name:
         raise ValueError(f"adapter {path} was saved for model {file_name!r}, this model is {model_name!r}")
+    file_act, model_act = info.get("activation"), mlp_activation(model)
+    if file_act and model_act and file_act != model_act:
+        raise ValueError(
+            f"adapter {path} was trained with {file_act} MLPs, this model has {model_act}: build the model with "
+            f"activation={file_act!r} (CLI: --activation {file_act})"
+        )
     shapes = tower_shapes(model)
     for tower, saved in info["towers"].items():
         if shapes.get(tower) != saved:
@@ -157,13 +167,73 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, fused: bool = Tru
 # =============================================================================
 
 
-def official_blocks(position: str, depth: int) -> list[int]:
-    """Blocks the official code adapts for ``position`` in a ``depth``-block tower."""
+# The official ViT-L/14 vision table (INDEX_POSITIONS_VISION['ViT-L/14']) in each version
+# of the official code; a position missing from a version raised KeyError there, so no
+# file of that version has it.
+OFFICIAL_L14_VISION = {
+    "HEAD": {"all": list(range(24)), "half-up": list(range(12, 24)), "half-bottom": list(range(12))},
+    "pre-e6bf706": {
+        "bottom": [0, 1, 2, 3],
+        "mid": [4, 5, 6, 7],
+        "up": [8, 9, 10, 11],
+        "half-up": list(range(6, 12)),
+        "half-bottom": list(range(6)),
+        "all": list(range(21)),
+    },
+}
+
+
+def official_blocks(position: str, depth: int, version: str = "HEAD") -> list[int] | None:
+    """Blocks the official code (``version``: "HEAD" or "pre-e6bf706") adapts for
+    ``position`` in a ``depth``-block tower; None where that version has no such entry."""
     position = "top1" if position == "top" else position
-    if depth == 24 and position in ("all", "bottom", "mid", "up", "half-up", "half-bottom"):
-        # Its ViT-L/14 vision table: the 12-block indices, and "all" stops at block 20.
-        return list(range(21)) if position == "all" else position_blocks(position, 12)
+    if depth == 24:  # the ViT-L/14 vision tower: the only table that changed
+        return OFFICIAL_L14_VISION[version].get(position)
     return position_blocks(position, depth)
+
+
+def _official_layout(
+    model: nn.Module, cfg: LoRAConfig, position: str, n_layers: int, path: Path
+) -> dict[str, list[int]]:
+    """``{tower: blocks}`` as the official code that wrote this ``n_layers`` file adapted them.
+
+    Where the versions' tables differ (ViT-L/14 vision), the version whose layer count
+    matches the file is used; no match, or two versions that match with different blocks,
+    is a ValueError that says so rather than a guess.
+    """
+    depths = {t: len(tower_blocks(model, t)) for t in cfg.towers}
+    candidates: dict[str, dict[str, list[int]]] = {}
+    for version in OFFICIAL_L14_VISION:
+        blocks = {t: official_blocks(position, d, version) for t, d in depths.items()}
+        if all(b is not None for b in blocks.values()):
+            candidates[version] = blocks
+    shape = ", ".join(f"{t} {d} blocks" for t, d in depths.items())
+    where = f"encoder={cfg.encoder!r}, position={position!r} on this model ({shape})"
+    if not candidates:
+        raise ValueError(
+            f"{path}: the official code has no {position!r} entry for a 24-block (ViT-L/14) vision tower in any "
+            f"version (HEAD: {', '.join(OFFICIAL_L14_VISION['HEAD'])}; before e6bf706: "
+            f"{', '.join(OFFICIAL_L14_VISION['pre-e6bf706'])}), so it cannot have written {where}"
+        )
+    counts = {v: sum(len(b) for b in blocks.values()) for v, blocks in candidates.items()}
+    matching = {v: candidates[v] for v, n in counts.items() if n == n_layers}
+    if not matching:
+        if len(set(counts.values())) == 1:
+            gives = str(counts.popitem()[1])
+        else:
+            label = {"HEAD": "official HEAD", "pre-e6bf706": "official code before e6bf706"}
+            gives = " or ".join(f"{n} ({label[v]})" for v, n in counts.items())
+        raise ValueError(
+            f"{path} has {n_layers} layers; {where} gives {gives} (text blocks first, then vision): "
+            "was it saved for another backbone?"
+        )
+    layouts = {tuple((t, tuple(b)) for t, b in blocks.items()) for blocks in matching.values()}
+    if len(layouts) > 1:
+        raise ValueError(
+            f"{path}: {n_layers} layers fit both the official HEAD table and the one before e6bf706 for {where}, "
+            "with different blocks; the file does not say which version wrote it, so it cannot be placed"
+        )
+    return next(iter(matching.values()))
 
 
 def _official_config(meta: dict[str, Any]) -> LoRAConfig:
@@ -180,12 +250,11 @@ def _official_config(meta: dict[str, Any]) -> LoRAConfig:
     )
 
 
-def _official_patch_config(model: nn.Module, cfg: LoRAConfig, position: str) -> LoRAConfig:
-    """The config to patch an unpatched model with so that exactly the official blocks get
-    adapters.  Where the official tables differ from ours (ViT-L/14's 24-block vision
-    tower: "up" is blocks 8-11 there, 16-23 here) and every adapted tower uses the same
-    official indices, patch with that explicit index list; otherwise keep ``cfg``."""
-    official = {t: official_blocks(position, len(tower_blocks(model, t))) for t in cfg.towers}
+def _official_patch_config(model: nn.Module, cfg: LoRAConfig, official: dict[str, list[int]]) -> LoRAConfig:
+    """The config to patch an unpatched model with so that exactly the ``official`` blocks
+    get adapters.  Where they differ from our table (ViT-L/14 files from before e6bf706:
+    "up" is blocks 8-11 there, 16-23 here) and every adapted tower uses the same official
+    indices, patch with that explicit index list; otherwise keep ``cfg``."""
     try:
         ours = {t: cfg.blocks(len(tower_blocks(model, t))) for t in cfg.towers}
     except ValueError:
@@ -199,12 +268,15 @@ def _official_patch_config(model: nn.Module, cfg: LoRAConfig, position: str) -> 
 def load_official_adapter(model: nn.Module, path: str | os.PathLike, *, fused: bool = True) -> nn.Module:
     """Import an adapter saved by the official CLIP-LoRA code (layout in the module docstring).
 
-    Each ``layer_<i>`` goes to the i-th (tower, block) of the official enumeration.  An
-    unpatched model is patched on exactly the official blocks (an explicit index list
-    where the official table differs from ours, e.g. ViT-L/14 vision "up" = 8-11).  Where
-    our config adapts more blocks than the official code did (ViT-L/14's vision "all" is
-    blocks 0-20 there, 0-23 here), the extra adapters get B = 0, so the model computes
-    exactly what the official one did; a warning says so.
+    Each ``layer_<i>`` goes to the i-th (tower, block) of the official enumeration.  For
+    a ViT-L/14 vision tower the file's layer count picks the official version's table:
+    HEAD (all 0-23, half-up 12-23, half-bottom 0-11) or the one before e6bf706 (bottom,
+    mid, up = 0-3, 4-7, 8-11; half-up 6-11; half-bottom 0-5; all 0-20); a count that fits
+    neither, or a position neither defines, is a ValueError that says why.  An unpatched
+    model is patched on exactly the official blocks (an explicit index list where the
+    official table differs from ours, e.g. the older "up" = 8-11).  Where our config adapts
+    more blocks than the official code did (the older "all", 0-20), the extra adapters get
+    B = 0, so the model computes exactly what the official one did; a warning says so.
     """
     path = Path(path)
     data = torch.load(path, map_location="cpu", weights_only=True)
@@ -212,13 +284,14 @@ def load_official_adapter(model: nn.Module, path: str | os.PathLike, *, fused: b
         raise ValueError(f"{path} is not an official CLIP-LoRA adapter (expected 'weights' and 'metadata')")
     meta, weights = data["metadata"], data["weights"]
     file_cfg = _official_config(meta)
+    official = _official_layout(model, file_cfg, meta["position"], len(weights), path)
     if getattr(model, CONFIG_ATTR, None) is None:
-        file_cfg = _official_patch_config(model, file_cfg, meta["position"])
+        file_cfg = _official_patch_config(model, file_cfg, official)
     _prepare_model(model, file_cfg, path, fused)
     order: list[tuple[str, int, LoRAAttention]] = []
     for tower in file_cfg.towers:
         blocks = tower_blocks(model, tower)
-        for i in official_blocks(meta["position"], len(blocks)):
+        for i in official[tower]:
             attn = blocks[i].attn
             if not isinstance(attn, LoRAAttention):
                 raise ValueError(
@@ -226,11 +299,6 @@ def load_official_adapter(model: nn.Module, path: str | os.PathLike, *, fused: b
                     "which this model's config does not adapt"
                 )
             order.append((tower, i, attn))
-    if len(weights) != len(order):
-        raise ValueError(
-            f"{path} has {len(weights)} layers; encoder={file_cfg.encoder!r}, position={meta['position']!r} on this "
-            f"model gives {len(order)} (text blocks first, then vision): was it saved for another backbone?"
-        )
     loaded: set[int] = set()
     with torch.no_grad():
         for idx, (tower, block, attn) in enumerate(order):

@@ -55,9 +55,9 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 RANDOM_INIT_WARNING = (
     "\n" + "!" * 78 + "\n"
-    "!!  WARNING: no pretrained weights (--pretrained not given): the model is RANDOMLY\n"
-    "!!  INITIALISED. Accuracies mean nothing for CLIP; use --pretrained openai or a\n"
-    "!!  local checkpoint path to reproduce the paper.\n" + "!" * 78
+    "!!  WARNING: --pretrained none: the model is RANDOMLY INITIALISED. Accuracies mean\n"
+    "!!  nothing for CLIP; use --pretrained openai (the default) or a local checkpoint\n"
+    "!!  path to reproduce the paper.\n" + "!" * 78
 )
 ADAPTER_FILE = "adapter.safetensors"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -78,8 +78,11 @@ class TrainConfig:
         output: the run folder.
         shots: images per class; seed: the few-shot draw and every random stream.
         model / pretrained: open_clip name (or a model-config JSON path, see
-            ``register_model_config``) and weights: "openai" (the paper), another
-            open_clip tag, a checkpoint path, or None for a random init (warns loudly).
+            ``register_model_config``) and weights: "openai" (the paper, the default),
+            another open_clip tag, a checkpoint path, or None for a random init (warns loudly).
+        activation / allow_activation_mismatch: the MLP activation, "auto" (what the
+            weights were trained with: QuickGELU for OpenAI's), "quickgelu" or "gelu"; see
+            ``clip_lora.model.create_model``.
         image_size: override the model's input size (small CPU runs only).
         lora: where adapters go and their rank/alpha/dropout/scaling.
         fused: fused Triton kernels (True) or the plain PyTorch LoRA provider.
@@ -99,7 +102,9 @@ class TrainConfig:
     shots: int = 16
     seed: int = 1
     model: str = "ViT-B-16"
-    pretrained: str | None = None
+    pretrained: str | None = "openai"
+    activation: str = "auto"
+    allow_activation_mismatch: bool = False
     image_size: int | None = None
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     fused: bool = True
@@ -335,7 +340,13 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Call
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*[Mm]odel initialized randomly.*")
             model, _, preprocess_val, tokenizer = create_model(
-                register_model_config(cfg.model), pretrained=cfg.pretrained, lora=cfg.lora, fused=cfg.fused, **kwargs
+                register_model_config(cfg.model),
+                pretrained=cfg.pretrained,
+                lora=cfg.lora,
+                fused=cfg.fused,
+                activation=cfg.activation,
+                allow_activation_mismatch=cfg.allow_activation_mismatch,
+                **kwargs,
             )
     return model.to(device), preprocess_val, tokenizer
 
@@ -425,7 +436,11 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> dict[str, Any]:
     ``train`` again on the same folder resumes.
     """
     from .adapters import save_adapter
+    from .model import choose_activation, resolve_weights
 
+    # Missing weights or a wrong activation fail here, before any data is read or written.
+    name = register_model_config(cfg.model)
+    choose_activation(name, resolve_weights(name, cfg.pretrained), cfg.activation, cfg.allow_activation_mismatch)
     rank, world, device, created_group = init_distributed()
     if cfg.device:
         device = torch.device(cfg.device)
@@ -479,6 +494,7 @@ def _train(cfg, rank, world, device, precision, stop_after, save_adapter) -> dic
         )
 
     model, preprocess_val, tokenizer = build_model(cfg, device)
+    from .model import mlp_activation
     from .patch import lora_parameters
 
     params = lora_parameters(model)
@@ -647,6 +663,7 @@ def _train(cfg, rank, world, device, precision, stop_after, save_adapter) -> dic
         "seed": cfg.seed,
         "model": cfg.model,
         "pretrained": cfg.pretrained,
+        "activation": mlp_activation(model),
         "fused": cfg.fused,
         "lora": cfg.lora.to_dict(),
         "iterations": total,
