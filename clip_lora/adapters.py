@@ -183,11 +183,11 @@ OFFICIAL_L14_VISION = {
 }
 
 
-def official_blocks(position: str, depth: int, version: str = "HEAD") -> list[int] | None:
+def official_blocks(position: str, depth: int, version: str = "HEAD", tower: str = "vision") -> list[int] | None:
     """Blocks the official code (``version``: "HEAD" or "pre-e6bf706") adapts for
-    ``position`` in a ``depth``-block tower; None where that version has no such entry."""
+    ``position`` in a ``depth``-block ``tower``; None where that version has no such entry."""
     position = "top1" if position == "top" else position
-    if depth == 24:  # the ViT-L/14 vision tower: the only table that changed
+    if tower == "vision" and depth == 24:  # ViT-L/14's vision tower: the only table that changed
         return OFFICIAL_L14_VISION[version].get(position)
     return position_blocks(position, depth)
 
@@ -204,7 +204,7 @@ def _official_layout(
     depths = {t: len(tower_blocks(model, t)) for t in cfg.towers}
     candidates: dict[str, dict[str, list[int]]] = {}
     for version in OFFICIAL_L14_VISION:
-        blocks = {t: official_blocks(position, d, version) for t, d in depths.items()}
+        blocks = {t: official_blocks(position, d, version, t) for t, d in depths.items()}
         if all(b is not None for b in blocks.values()):
             candidates[version] = blocks
     shape = ", ".join(f"{t} {d} blocks" for t, d in depths.items())
