@@ -120,10 +120,13 @@ def _checkpoint_keys(path: str) -> set[str]:
 
         with safetensors.safe_open(path, framework="pt") as f:
             return set(f.keys())
+    if path.endswith((".npz", ".npy")):  # big_vision weights (open_clip converts them): not OpenAI's
+        return set()
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
+            data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"pretrained={path!r}: cannot read it as a checkpoint ({type(e).__name__}: {e})") from e
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):

@@ -65,7 +65,9 @@ METRICS_FILE = "metrics.json"
 FEW_SHOT_FILE = "few_shot.json"
 
 # Settings that do not change the numbers: a resumed run may differ in these.
+# allow_activation_mismatch is a permission; "activation" is the setting that changes the numbers.
 _NON_RECIPE_FIELDS = {"output", "root", "num_workers", "checkpoint_every", "progress", "eval_batch_size", "device"}
+_NON_RECIPE_FIELDS |= {"allow_activation_mismatch"}
 
 
 @dataclass

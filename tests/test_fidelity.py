@@ -159,6 +159,9 @@ def test_missing_weights_never_fall_back_to_random(monkeypatch, tmp_path):
         create_model("ViT-B-16", lora=None)
     with pytest.raises(ValueError, match="neither a file nor an open_clip tag for ViT-B-16 .*openai"):
         create_model("ViT-B-16", str(tmp_path / "no-such.pt"), lora=None)
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="garbage.pt'.*cannot read it as a checkpoint"):
+        create_model("ViT-B-16", str(tmp_path / "garbage.pt"), lora=None)
 
 
 def test_cli_defaults_to_openai_and_fails_in_one_line_offline(tiny, tmp_path, monkeypatch, capsys):
