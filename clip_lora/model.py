@@ -181,12 +181,11 @@ def resolve_weights(name: str, pretrained: str | None, *, cache_dir: str | None 
             path = download_pretrained(cfg, cache_dir=cache_dir)
         except Exception as e:
             url = cfg.get("url", "")
-            hint = f"OpenAI's own file works: {url} (clip.load keeps it in ~/.cache/clip)" if url else ""
+            file = f"/path/to/{os.path.basename(url)} (OpenAI's file: {url}; clip.load keeps it in ~/.cache/clip)"
             raise FileNotFoundError(
                 f"the {pretrained!r} weights for {name} are not in the cache ({_hf_cache_dir(cache_dir)}) and could "
-                f"not be downloaded ({type(e).__name__}); on an offline machine copy the file over and pass "
-                f"--pretrained /path/to/file (pretrained= in Python{'; ' + hint if hint else ''}), "
-                "or --pretrained none for a random init"
+                f"not be downloaded ({type(e).__name__}); point --pretrained at a local copy: "
+                f"--pretrained {file if url else '/path/to/checkpoint'}, or use --pretrained none for a random init"
             ) from e
         if not path:
             raise FileNotFoundError(f"open_clip has no download location for the {pretrained!r} weights of {name}")

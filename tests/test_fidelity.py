@@ -183,7 +183,7 @@ def test_cli_defaults_to_openai_and_fails_in_one_line_offline(tiny, tmp_path, mo
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("clip-lora train: error: the 'openai' weights for ViT-B-16 are not in the cache")
-    assert "--pretrained /path/to/file" in lines[0] and "--pretrained none" in lines[0]
+    assert "--pretrained /path/to/ViT-B-16.pt" in lines[0] and "--pretrained none" in lines[0]
     assert not out.exists()  # failed before writing anything
 
     def offline(cfg, *args, **kwargs):
