@@ -19,7 +19,7 @@ from open_clip.transformer import QuickGELU
 
 from clip_lora import create_model, load_adapter
 from clip_lora.adapters import read_adapter
-from clip_lora.cli import DEMO_MODEL_CONFIG, main
+from clip_lora.cli import DEMO_MODEL_CONFIG, build_parser, main
 from clip_lora.data import make_synthetic
 from clip_lora.model import OPENAI_JIT_KEYS, mlp_activation, resolve_weights
 from clip_lora.train import TrainConfig, register_model_config, train
@@ -148,6 +148,16 @@ def test_openai_tag_is_the_default_and_builds_quickgelu(fake_download):
     with pytest.raises(ValueError, match="'laion2b_s34b_b88k' weights .* with gelu, but activation='quickgelu'"):
         create_model("ViT-B-16", "laion2b_s34b_b88k", lora=None, activation="quickgelu")
     assert loaded == [cached]
+
+
+def test_openai_is_the_default_of_train_eval_and_reproduce():
+    parser = build_parser()
+    for argv in (["train", "--dataset", "dtd", "--root", "x"], ["eval"], ["reproduce", "--root", "x"]):
+        args = parser.parse_args(argv)
+        assert (args.pretrained, args.activation, args.allow_activation_mismatch) == ("openai", "auto", False), argv
+        assert parser.parse_args([*argv, "--pretrained", "none"]).pretrained is None
+    assert parser.parse_args(["demo"]).pretrained is None  # the demo's toy model has no weights
+    assert TrainConfig(dataset="dtd", root="/data", output="/runs").pretrained == "openai"
 
 
 def test_missing_weights_never_fall_back_to_random(monkeypatch, tmp_path):
