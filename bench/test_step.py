@@ -41,7 +41,10 @@ def base_model(tiny_model_registered):
     def get(name: str):
         if name not in built:
             torch.manual_seed(0)
-            model, _, _, tokenizer = create_model(name, pretrained=None, lora=None, device="cpu")
+            # Random weights (timing only), with the paper's model's MLPs: OpenAI's weights run QuickGELU.
+            model, _, _, tokenizer = create_model(
+                name, pretrained=None, lora=None, device="cpu", activation="quickgelu"
+            )
             built[name] = (model, tokenizer)
         return built[name]
 

@@ -9,7 +9,8 @@ metadata under ``"clip_lora"``, a JSON document::
      "signature": {"text": {"width": 512, "layers": 12, "heads": 8, "context_length": 77,
                             "vocab_size": 49408},
                    "vision": {"width": 768, "layers": 12, "heads": 12, "image_size": [224, 224],
-                              "patch_size": [16, 16]}}}
+                              "patch_size": [16, 16]}},
+     "activation": "quickgelu" | "gelu" | null}
 
 ``signature`` holds each adapted tower's architecture, so that an adapter saved from
 ViT-B-32 is refused by a ViT-B-16 (same tower widths and depths, other patch size) even
@@ -31,9 +32,11 @@ of its ``apply_lora``/``save_lora``: ``i`` counts the wrapped attention layers i
 order they were wrapped: the text tower's blocks first (if encoder is "text" or "both"),
 then the vision tower's, each in increasing block index and only the blocks its position
 table selects.  Those tables are ours for 12-block towers ("top" is its name for top1 in
-the ViT-B/16 vision table); for the 24-block ViT-L/14 vision tower it reuses the 12-block
-indices (bottom 0-3, ..., half-up 6-11) and its "all" is blocks 0-20.  Its scale is
-alpha/sqrt(r).
+the ViT-B/16 vision table).  Its 24-block ViT-L/14 vision table changed in official commit
+e6bf706: HEAD has only all 0-23, half-up 12-23 and half-bottom 0-11; before it, the
+12-block indices were reused (bottom 0-3, mid 4-7, up 8-11, half-up 6-11, half-bottom
+0-5) and "all" was blocks 0-20.  The files carry no version, so the layer count tells the
+two apart (see :func:`load_official_adapter`).  Its scale is alpha/sqrt(r).
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ import torch.nn as nn
 from .attention import LoRAAttention
 from .config import LoRAConfig, position_blocks
 from .errors import AdapterFileError, ModelMismatchError, reason
-from .model import MODEL_NAME_ATTR
+from .model import MODEL_NAME_ATTR, mlp_activation
 from .patch import CONFIG_ATTR, apply_patch, lora_modules, lora_state_dict, plan_patch
 from .towers import find_towers, tower_blocks, tower_shapes
 
@@ -254,6 +257,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
         "model_name": getattr(model, MODEL_NAME_ATTR, None),
         "towers": tower_shapes(model),
         "signature": {t: signature[t] for t in config.towers if t in signature},
+        "activation": mlp_activation(model),  # an adapter fits the activation it was trained under
     }
     # Created by hand rather than with mkstemp, whose 0600 mode would survive the rename;
     # safetensors recreates the file, so its umask-derived mode is put back after writing.
@@ -338,6 +342,12 @@ def load_adapter(
     tensors, info = read_adapter(path)
     if check_model:
         _check_model(model, info, path)
+    file_act, model_act = info.get("activation"), mlp_activation(model)
+    if file_act and model_act and file_act != model_act:
+        raise ModelMismatchError(
+            f"adapter {path} was trained with {file_act} MLPs, this model has {model_act}: build the model with "
+            f"activation={file_act!r} (CLI: --activation {file_act})"
+        )
     file_cfg = _file_config(info, path)
     targets, commit = _targets(model, file_cfg, path, fused)
     want = {
@@ -366,13 +376,73 @@ def load_adapter(
 # =============================================================================
 
 
-def official_blocks(position: str, depth: int) -> list[int]:
-    """Blocks the official code adapts for ``position`` in a ``depth``-block tower."""
+# The official ViT-L/14 vision table (INDEX_POSITIONS_VISION['ViT-L/14']) in each version
+# of the official code; a position missing from a version raised KeyError there, so no
+# file of that version has it.
+OFFICIAL_L14_VISION = {
+    "HEAD": {"all": list(range(24)), "half-up": list(range(12, 24)), "half-bottom": list(range(12))},
+    "pre-e6bf706": {
+        "bottom": [0, 1, 2, 3],
+        "mid": [4, 5, 6, 7],
+        "up": [8, 9, 10, 11],
+        "half-up": list(range(6, 12)),
+        "half-bottom": list(range(6)),
+        "all": list(range(21)),
+    },
+}
+
+
+def official_blocks(position: str, depth: int, version: str = "HEAD", tower: str = "vision") -> list[int] | None:
+    """Blocks the official code (``version``: "HEAD" or "pre-e6bf706") adapts for
+    ``position`` in a ``depth``-block ``tower``; None where that version has no such entry."""
     position = "top1" if position == "top" else position
-    if depth == 24 and position in ("all", "bottom", "mid", "up", "half-up", "half-bottom"):
-        # Its ViT-L/14 vision table: the 12-block indices, and "all" stops at block 20.
-        return list(range(21)) if position == "all" else position_blocks(position, 12)
+    if tower == "vision" and depth == 24:  # ViT-L/14's vision tower: the only table that changed
+        return OFFICIAL_L14_VISION[version].get(position)
     return position_blocks(position, depth)
+
+
+def _official_layout(
+    model: nn.Module, cfg: LoRAConfig, position: str, n_layers: int, path: Path
+) -> dict[str, list[int]]:
+    """``{tower: blocks}`` as the official code that wrote this ``n_layers`` file adapted them.
+
+    Where the versions' tables differ (ViT-L/14 vision), the version whose layer count
+    matches the file is used; no match, or two versions that match with different blocks,
+    is an AdapterFileError that says so rather than a guess.
+    """
+    depths = {t: len(tower_blocks(model, t)) for t in cfg.towers}
+    candidates: dict[str, dict[str, list[int]]] = {}
+    for version in OFFICIAL_L14_VISION:
+        blocks = {t: official_blocks(position, d, version, t) for t, d in depths.items()}
+        if all(b is not None for b in blocks.values()):
+            candidates[version] = blocks
+    shape = ", ".join(f"{t} {d} blocks" for t, d in depths.items())
+    where = f"encoder={cfg.encoder!r}, position={position!r} on this model ({shape})"
+    if not candidates:
+        raise AdapterFileError(
+            f"{path}: the official code has no {position!r} entry for a 24-block (ViT-L/14) vision tower in any "
+            f"version (HEAD: {', '.join(OFFICIAL_L14_VISION['HEAD'])}; before e6bf706: "
+            f"{', '.join(OFFICIAL_L14_VISION['pre-e6bf706'])}), so it cannot have written {where}"
+        )
+    counts = {v: sum(len(b) for b in blocks.values()) for v, blocks in candidates.items()}
+    matching = {v: candidates[v] for v, n in counts.items() if n == n_layers}
+    if not matching:
+        if len(set(counts.values())) == 1:
+            gives = str(counts.popitem()[1])
+        else:
+            label = {"HEAD": "official HEAD", "pre-e6bf706": "official code before e6bf706"}
+            gives = " or ".join(f"{n} ({label[v]})" for v, n in counts.items())
+        raise AdapterFileError(
+            f"{path} has {n_layers} layers; {where} gives {gives} (text blocks first, then vision): "
+            "was it saved for another backbone?"
+        )
+    layouts = {tuple((t, tuple(b)) for t, b in blocks.items()) for blocks in matching.values()}
+    if len(layouts) > 1:
+        raise AdapterFileError(
+            f"{path}: {n_layers} layers fit both the official HEAD table and the one before e6bf706 for {where}, "
+            "with different blocks; the file does not say which version wrote it, so it cannot be placed"
+        )
+    return next(iter(matching.values()))
 
 
 def _official_config(meta: dict[str, Any]) -> LoRAConfig:
@@ -389,12 +459,11 @@ def _official_config(meta: dict[str, Any]) -> LoRAConfig:
     )
 
 
-def _official_patch_config(model: nn.Module, cfg: LoRAConfig, position: str) -> LoRAConfig:
-    """The config to patch an unpatched model with so that exactly the official blocks get
-    adapters.  Where the official tables differ from ours (ViT-L/14's 24-block vision
-    tower: "up" is blocks 8-11 there, 16-23 here) and every adapted tower uses the same
-    official indices, patch with that explicit index list; otherwise keep ``cfg``."""
-    official = {t: official_blocks(position, len(tower_blocks(model, t))) for t in cfg.towers}
+def _official_patch_config(model: nn.Module, cfg: LoRAConfig, official: dict[str, list[int]]) -> LoRAConfig:
+    """The config to patch an unpatched model with so that exactly the ``official`` blocks
+    get adapters.  Where they differ from our table (ViT-L/14 files from before e6bf706:
+    "up" is blocks 8-11 there, 16-23 here) and every adapted tower uses the same official
+    indices, patch with that explicit index list; otherwise keep ``cfg``."""
     try:
         ours = {t: cfg.blocks(len(tower_blocks(model, t))) for t in cfg.towers}
     except ValueError:
@@ -434,24 +503,29 @@ def read_official_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict
 def load_official_adapter(model: nn.Module, path: str | os.PathLike, *, fused: bool = True) -> nn.Module:
     """Import an adapter saved by the official CLIP-LoRA code (layout in the module docstring).
 
-    Each ``layer_<i>`` goes to the i-th (tower, block) of the official enumeration.  An
-    unpatched model is patched on exactly the official blocks (an explicit index list
-    where the official table differs from ours, e.g. ViT-L/14 vision "up" = 8-11).  Where
-    our config adapts more blocks than the official code did (ViT-L/14's vision "all" is
-    blocks 0-20 there, 0-23 here), the extra adapters get B = 0, so the model computes
-    exactly what the official one did; a warning says so.  As with :func:`load_adapter`,
-    the whole file is checked first: a failed import leaves the model as it was.
+    Each ``layer_<i>`` goes to the i-th (tower, block) of the official enumeration.  For
+    a ViT-L/14 vision tower the file's layer count picks the official version's table:
+    HEAD (all 0-23, half-up 12-23, half-bottom 0-11) or the one before e6bf706 (bottom,
+    mid, up = 0-3, 4-7, 8-11; half-up 6-11; half-bottom 0-5; all 0-20); a count that fits
+    neither, or a position neither defines, is an error that says why.  An unpatched
+    model is patched on exactly the official blocks (an explicit index list where the
+    official table differs from ours, e.g. the older "up" = 8-11).  Where our config adapts
+    more blocks than the official code did (the older "all", 0-20), the extra adapters get
+    B = 0, so the model computes exactly what the official one did; a warning says so.  As
+    with :func:`load_adapter`, the whole file is checked first: a failed import leaves the
+    model as it was.
     """
     path = Path(path)
     weights, meta = read_official_adapter(path)
     try:
         file_cfg = _official_config(meta)
+        official = _official_layout(model, file_cfg, meta["position"], len(weights), path)
         if getattr(model, CONFIG_ATTR, None) is None:
-            file_cfg = _official_patch_config(model, file_cfg, meta["position"])
+            file_cfg = _official_patch_config(model, file_cfg, official)
         targets, commit = _targets(model, file_cfg, path, fused)
         order: list[tuple[str, int, LoRAAttention]] = []
         for tower in file_cfg.towers:
-            for i in official_blocks(meta["position"], len(tower_blocks(model, tower))):
+            for i in official[tower]:
                 if (tower, i) not in targets:
                     raise AdapterFileError(
                         f"{path}: the official code adapts {tower} block {i} for position {meta['position']!r}, "

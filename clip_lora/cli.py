@@ -1,9 +1,9 @@
 """``clip-lora``: train, evaluate and reproduce CLIP-LoRA from the command line.
 
 clip-lora demo                                   # synthetic data, tiny model, CPU, ~1-2 min
-clip-lora train --dataset dtd --root $DATA --shots 16 --seed 1 --pretrained openai
+clip-lora train --dataset dtd --root $DATA --shots 16 --seed 1   # OpenAI's weights (--pretrained openai)
 clip-lora eval --run runs/dtd/ViT-B-16/16shots/seed1
-clip-lora reproduce --root $DATA --pretrained openai          # 11 datasets x 5 shots x 3 seeds
+clip-lora reproduce --root $DATA                                # 11 datasets x 5 shots x 3 seeds
 torchrun --nproc_per_node 4 -m clip_lora.cli train ...         # multi-GPU (or multi-process CPU)
 clip-lora make-synthetic --output data/                        # CoOp-format generated dataset
 clip-lora datasets                                             # expected folder layouts
@@ -71,9 +71,20 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--pretrained",
         type=_pretrained,
-        default=None,
-        help="weights: 'openai' (the paper), another open_clip tag, or a local checkpoint path; "
-        "omitted: random init (warns loudly)",
+        default="openai",
+        help="weights: 'openai' (the paper; default), another open_clip tag, a local checkpoint path "
+        "(e.g. OpenAI's ViT-B-16.pt), or 'none' for a random init (warns loudly)",
+    )
+    g.add_argument(
+        "--activation",
+        default="auto",
+        choices=("auto", "quickgelu", "gelu"),
+        help="MLP activation; auto: what the weights were trained with (QuickGELU for OpenAI's)",
+    )
+    g.add_argument(
+        "--allow-activation-mismatch",
+        action="store_true",
+        help="build an --activation the weights were not trained with (otherwise an error)",
     )
     g.add_argument(
         "--image-size", type=_positive_int, default=None, help="override the input size (small CPU runs only)"
@@ -124,6 +135,8 @@ def _train_config(args: argparse.Namespace, dataset: str, shots: int, seed: int,
         seed=seed,
         model=args.model,
         pretrained=args.pretrained,
+        activation=args.activation,
+        allow_activation_mismatch=args.allow_activation_mismatch,
         image_size=args.image_size,
         lora=LoRAConfig(
             r=args.r,
@@ -241,7 +254,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         kwargs = {"force_image_size": args.image_size} if args.image_size else {}
         torch.manual_seed(args.seed)
         model, _, preprocess_val, tokenizer = create_checked_model(
-            args.model, args.pretrained, lora=None, fused=args.fused, **kwargs
+            args.model,
+            args.pretrained,
+            lora=None,
+            fused=args.fused,
+            activation=args.activation,
+            allow_activation_mismatch=args.allow_activation_mismatch,
+            **kwargs,
         )
         if args.adapter:
             load_adapter(model, args.adapter, fused=args.fused, check_model=not args.ignore_model_mismatch)

@@ -67,9 +67,9 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 RANDOM_INIT_WARNING = (
     "\n" + "!" * 78 + "\n"
-    "!!  WARNING: no pretrained weights (--pretrained not given): the model is RANDOMLY\n"
-    "!!  INITIALISED. Accuracies mean nothing for CLIP; use --pretrained openai or a\n"
-    "!!  local checkpoint path to reproduce the paper.\n" + "!" * 78
+    "!!  WARNING: --pretrained none: the model is RANDOMLY INITIALISED. Accuracies mean\n"
+    "!!  nothing for CLIP; use --pretrained openai (the default) or a local checkpoint\n"
+    "!!  path to reproduce the paper.\n" + "!" * 78
 )
 ADAPTER_FILE = "adapter.safetensors"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -89,7 +89,9 @@ _CHECKPOINT_KEYS = (
 )  # fmt: skip
 
 # Settings that do not change the numbers: a resumed run may differ in these.
+# allow_activation_mismatch is a permission; "activation" is the setting that changes the numbers.
 _NON_RECIPE_FIELDS = {"output", "root", "num_workers", "checkpoint_every", "progress", "eval_batch_size", "device"}
+_NON_RECIPE_FIELDS |= {"allow_activation_mismatch"}
 
 
 @dataclass
@@ -102,8 +104,11 @@ class TrainConfig:
         output: the run folder.
         shots: images per class; seed: the few-shot draw and every random stream.
         model / pretrained: open_clip name (or a model-config JSON path, see
-            ``register_model_config``) and weights: "openai" (the paper), another
-            open_clip tag, a checkpoint path, or None for a random init (warns loudly).
+            ``register_model_config``) and weights: "openai" (the paper, the default),
+            another open_clip tag, a checkpoint path, or None for a random init (warns loudly).
+        activation / allow_activation_mismatch: the MLP activation, "auto" (what the
+            weights were trained with: QuickGELU for OpenAI's), "quickgelu" or "gelu"; see
+            ``clip_lora.model.create_model``.
         image_size: override the model's input size (small CPU runs only).
         lora: where adapters go and their rank/alpha/dropout/scaling.
         fused: fused Triton kernels (True) or the plain PyTorch LoRA provider.
@@ -123,7 +128,9 @@ class TrainConfig:
     shots: int = 16
     seed: int = 1
     model: str = "ViT-B-16"
-    pretrained: str | None = None
+    pretrained: str | None = "openai"
+    activation: str = "auto"
+    allow_activation_mismatch: bool = False
     image_size: int | None = None
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     fused: bool = True
@@ -477,11 +484,15 @@ def create_checked_model(
     """:func:`clip_lora.create_model`, with a bad ``pretrained`` (missing, garbage, another
     architecture, other keys, non-finite values) reported as one :class:`PretrainedError`
     that names the file, instead of open_clip's traceback."""
-    from .model import _check_model_name, create_model
+    from .model import _check_model_name, choose_activation, create_model, resolve_weights
 
     name = register_model_config(model)
     if pretrained is not None:
         _check_pretrained_source(_check_model_name(name), pretrained)
+    # Weights that are not there, or an activation they were not trained with, get their
+    # own messages here rather than the generic "cannot be loaded" below.
+    allow_mismatch = kwargs.get("allow_activation_mismatch", False)
+    choose_activation(name, resolve_weights(name, pretrained), kwargs.get("activation", "auto"), allow_mismatch)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Mm]odel initialized randomly.*")
         try:
@@ -514,7 +525,13 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Call
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model, _, preprocess_val, tokenizer = create_checked_model(
-            cfg.model, cfg.pretrained, lora=cfg.lora, fused=cfg.fused, **kwargs
+            cfg.model,
+            cfg.pretrained,
+            lora=cfg.lora,
+            fused=cfg.fused,
+            activation=cfg.activation,
+            allow_activation_mismatch=cfg.allow_activation_mismatch,
+            **kwargs,
         )
     return model.to(device), preprocess_val, tokenizer
 
@@ -678,6 +695,11 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, force: bool = Fals
     Raises :class:`~clip_lora.errors.RunLockedError` if another process writes to the
     folder, and :class:`~clip_lora.errors.DivergenceError` if the loss becomes non-finite.
     """
+    from .model import choose_activation, resolve_weights
+
+    # Missing weights or a wrong activation fail here, before any data is read or written.
+    name = register_model_config(cfg.model)
+    choose_activation(name, resolve_weights(name, cfg.pretrained), cfg.activation, cfg.allow_activation_mismatch)
     rank, world, device, created_group = init_distributed()
     if cfg.device:
         device = torch.device(cfg.device)
@@ -757,6 +779,7 @@ def train_step(
 
 def _train(cfg, rank, world, device, precision, stop_after, log) -> dict[str, Any]:
     from .adapters import save_adapter
+    from .model import mlp_activation
     from .patch import lora_parameters
 
     main = rank == 0
@@ -1017,6 +1040,7 @@ def _train(cfg, rank, world, device, precision, stop_after, log) -> dict[str, An
         "seed": cfg.seed,
         "model": cfg.model,
         "pretrained": cfg.pretrained,
+        "activation": mlp_activation(model),
         "fused": cfg.fused,
         "lora": cfg.lora.to_dict(),
         "iterations": total,

@@ -16,6 +16,7 @@ import torch
 from clip_models import randomize_adapters, tiny_clip, tiny_tokens
 
 from clip_lora import LoRAConfig, load_adapter, lora_state_dict, merge, patch_fused, patch_reference, save_adapter
+from clip_lora.adapters import OFFICIAL_L14_VISION
 
 
 @torch.no_grad()
@@ -263,21 +264,76 @@ def test_official_import_computes_the_official_math(base, inputs, tmp_path):
     assert (got[0] - _outputs(base, *inputs)[0]).abs().max() > 1e-3
 
 
+def _l14_like(text_depth=12):
+    """ViT-L/14's tower depths (text 12, vision 24) at toy width."""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    torch.manual_seed(0)
+    vision = CLIPVisionCfg(layers=24, width=64, head_width=16, patch_size=8, image_size=32)
+    text = CLIPTextCfg(context_length=16, vocab_size=64, width=32, heads=4, layers=text_depth)
+    return CLIP(32, vision, text).eval()
+
+
+HEAD_L14 = {"all": list(range(24)), "half-up": list(range(12, 24)), "half-bottom": list(range(12))}
+OLD_L14 = {"bottom": [0, 1, 2, 3], "up": [8, 9, 10, 11], "half-up": list(range(6, 12)), "all": list(range(21))}
+
+
 @pytest.mark.parametrize(
-    ("position", "official"),
-    [("up", list(range(8, 12))), ("half-up", list(range(6, 12))), ("all", list(range(21)))],
+    ("version", "position", "encoder"),
+    [("HEAD", p, "vision") for p in HEAD_L14]
+    + [("pre-e6bf706", p, "vision") for p in OLD_L14]
+    + [("HEAD", "half-up", "both"), ("pre-e6bf706", "half-up", "both"), ("HEAD", "all", "both")],
 )
-def test_official_import_24_block_vision_uses_the_official_table(tmp_path, position, official):
-    # The official ViT-L/14 vision table reuses the 12-block indices ("up" = 8-11, not
-    # 16-23) and its "all" stops at block 20: an unpatched model is patched on exactly those.
-    base24 = tiny_clip(custom=False, depth=24)
-    meta = {"r": 2, "alpha": 1, "encoder": "vision", "params": ["q", "k", "v"], "position": position}
-    weights = _official_file(tmp_path / "l14.pt", meta, [("vision", i) for i in official], {"vision": 64})
-    model = load_adapter(copy.deepcopy(base24), tmp_path / "l14.pt")
-    assert model.clip_lora_config.position == tuple(official)
-    patched = sorted(int(k.split(".")[3]) for k in lora_state_dict(model) if k.endswith("lora_A.q"))
-    assert patched == official
-    for i, block in enumerate(official):
-        attn = model.visual.transformer.resblocks[block].attn
-        assert torch.equal(attn.lora_A["k"], weights[f"layer_{i}"]["k_proj"]["w_lora_A"])
-        assert torch.equal(attn.lora_B["v"], weights[f"layer_{i}"]["v_proj"]["w_lora_B"])
+def test_official_import_24_block_vision_follows_each_official_version(tmp_path, version, position, encoder):
+    # A file laid out as each version of the official code writes it for ViT-L/14 (text
+    # blocks first, then vision): HEAD's table (e6bf706 and later) and the older one, which
+    # reused the 12-block indices with "all" = 0-20.  The layer count picks the table.
+    vision = (HEAD_L14 if version == "HEAD" else OLD_L14)[position]
+    text = {"half-up": list(range(6, 12)), "all": list(range(12))}.get(position, []) if encoder == "both" else []
+    order = [("text", i) for i in text] + [("vision", i) for i in vision]
+    meta = {"r": 2, "alpha": 1, "encoder": encoder, "params": ["q", "k", "v"], "position": position}
+    weights = _official_file(tmp_path / "l14.pt", meta, order, {"text": 32, "vision": 64})
+    model = load_adapter(_l14_like(), tmp_path / "l14.pt")
+    sd = lora_state_dict(model)
+    prefix = {"text": "transformer", "vision": "visual.transformer"}
+    for tower in ("text", "vision"):
+        patched = sorted(int(k.split(".")[-4]) for k in sd if k.startswith(prefix[tower] + ".") and k.endswith("A.q"))
+        assert patched == [b for t, b in order if t == tower], tower
+    for i, (tower, block) in enumerate(order):
+        attn = f"{prefix[tower]}.resblocks.{block}.attn"
+        assert torch.equal(sd[f"{attn}.lora_A.k"], weights[f"layer_{i}"]["k_proj"]["w_lora_A"])
+        assert torch.equal(sd[f"{attn}.lora_B.v"], weights[f"layer_{i}"]["v_proj"]["w_lora_B"])
+    # HEAD's table is ours, so the position keeps its name; the older one needs the explicit list.
+    expected = position if version == "HEAD" else tuple(vision)
+    assert model.clip_lora_config.position == expected
+
+
+def test_official_import_24_block_vision_refusals(tmp_path, monkeypatch):
+    meta = {"r": 2, "alpha": 1, "encoder": "vision", "params": ["q"], "position": "all"}
+    path = tmp_path / "l14.pt"
+    # 22 layers fit neither version's "all" (24 at HEAD, 21 before e6bf706).
+    _official_file(path, meta, [("vision", i) for i in range(22)], {"vision": 64})
+    with pytest.raises(ValueError, match=r"has 22 layers; .* gives 24 \(official HEAD\) or 21 \(official code before"):
+        load_adapter(_l14_like(), path)
+    # Neither version has top1 for the ViT-L/14 vision tower (a KeyError in the official code).
+    _official_file(path, {**meta, "position": "top1"}, [("vision", 23)], {"vision": 64})
+    with pytest.raises(ValueError, match="no 'top1' entry for a 24-block .* in any version"):
+        load_adapter(_l14_like(), path)
+    # Two versions that fit the count with different blocks: refused, not guessed.
+    monkeypatch.setitem(OFFICIAL_L14_VISION["pre-e6bf706"], "half-up", list(range(12)))
+    _official_file(path, {**meta, "position": "half-up"}, [("vision", i) for i in range(12)], {"vision": 64})
+    with pytest.raises(ValueError, match="fit both the official HEAD table and the one before e6bf706"):
+        load_adapter(_l14_like(), path)
+
+
+def test_official_import_old_all_on_both_towers_zeroes_the_extra_blocks(tmp_path):
+    # Before e6bf706, "all" on ViT-L/14 was text 0-11 and vision 0-20 (33 layers): no single
+    # index list fits both towers, so the model gets our "all" and blocks 21-23 get B = 0.
+    order = [("text", i) for i in range(12)] + [("vision", i) for i in range(21)]
+    meta = {"r": 2, "alpha": 1, "encoder": "both", "params": ["q", "v"], "position": "all"}
+    weights = _official_file(tmp_path / "l14.pt", meta, order, {"text": 32, "vision": 64})
+    with pytest.warns(UserWarning, match="did not adapt 3 of this model's patched attentions"):
+        model = load_adapter(_l14_like(), tmp_path / "l14.pt")
+    blocks = model.visual.transformer.resblocks
+    assert torch.equal(blocks[20].attn.lora_B["v"], weights["layer_32"]["v_proj"]["w_lora_B"])
+    assert all(not blocks[i].attn.lora_B["q"].any() for i in (21, 22, 23))

@@ -119,6 +119,13 @@ def test_from_dict_rejects_unknown_fields():
 def test_official_enumeration_tables():
     assert official_blocks("top", 12) == [11]
     assert official_blocks("all", 12) == list(range(12))
-    # The official ViT-L/14 vision table: 12-block indices, and "all" stops at 20.
-    assert official_blocks("all", 24) == list(range(21))
-    assert official_blocks("half-up", 24) == [6, 7, 8, 9, 10, 11]
+    # The official ViT-L/14 vision table at HEAD: only all, half-up and half-bottom ...
+    assert official_blocks("all", 24) == list(range(24))
+    assert official_blocks("half-up", 24) == list(range(12, 24))
+    assert official_blocks("half-bottom", 24) == list(range(12))
+    assert official_blocks("up", 24) is None and official_blocks("top1", 24) is None
+    # ... and before official commit e6bf706: 12-block indices, "all" stops at 20.
+    assert official_blocks("all", 24, "pre-e6bf706") == list(range(21))
+    assert official_blocks("half-up", 24, "pre-e6bf706") == [6, 7, 8, 9, 10, 11]
+    assert official_blocks("up", 24, "pre-e6bf706") == [8, 9, 10, 11]
+    assert official_blocks("top1", 24, "pre-e6bf706") is None

@@ -367,7 +367,7 @@ def test_training_steps_change_only_lora(vit_b32, inputs):
 
 def test_create_model():
     model, preprocess_train, preprocess_val, tokenizer = create_model(
-        "ViT-B/32", lora=LoRAConfig(encoder="text"), fused=False
+        "ViT-B/32", pretrained=None, lora=LoRAConfig(encoder="text"), fused=False
     )
     assert model.clip_lora_model_name == "ViT-B-32"
     assert model.clip_lora_provider == "plain"

@@ -153,7 +153,7 @@ def test_two_process_gloo_matches_one_process(setup, tmp_path):
         "-m", "clip_lora.cli", "train", "--dataset", "synthetic", "--root", str(setup / "data"),
         "--shots", str(SHOTS), "--seed", "1", "--model", str(setup / "clip-lora-tiny.json"),
         "--lr", "1e-2", "--batch-size", "12", "--iterations", "6", "--dropout", "0", "--no-fused",
-        "--workers", "0", "--checkpoint-every", "0", "--no-progress", "--output", str(out),
+        "--workers", "0", "--checkpoint-every", "0", "--no-progress", "--output", str(out), "--pretrained", "none",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -185,7 +185,8 @@ def test_cli_errors_are_one_clear_line(setup, capsys):
     assert "unknown dataset 'cifar10'" in capsys.readouterr().err
     assert main(["train", "--dataset", "synthetic", "--root", root, "--shots", "0"]) == 2
     assert "shots must be a positive integer" in capsys.readouterr().err
-    assert main(["train", "--dataset", "dtd", "--root", root, "--output", str(setup / "x")]) == 2
+    out = str(setup / "x")
+    assert main(["train", "--dataset", "dtd", "--root", root, "--output", out, "--pretrained", "none"]) == 2
     err = capsys.readouterr().err
     assert "dtd" in err and "DATASETS.md" in err and "Traceback" not in err
 
