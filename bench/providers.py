@@ -576,3 +576,22 @@ def check_text(model, provider: str, params: list, tokens: torch.Tensor, dy: tor
     bad = {k: v for k, v in errs.items() if not v <= TEXT_TOLERANCE}
     assert not bad, f"text {provider}: relative error vs the full 77-token tower above {TEXT_TOLERANCE}: {bad}"
     return errs
+
+
+def interleaved_times(runs: dict[str, Callable[[], None]], rounds: int) -> dict[str, dict[str, list[float]]]:
+    """Wall and process-CPU seconds of each run, ``rounds`` times, round-robin.
+
+    On a shared CPU the load drifts during a measurement; running the providers in turn,
+    round after round, exposes them to the same drift, and the per-provider minimum (wall)
+    and median (CPU time, which other processes do not inflate) are then comparable.
+    """
+    import time
+
+    out = {name: {"wall": [], "cpu": []} for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            w0, c0 = time.perf_counter(), time.process_time()
+            run()
+            out[name]["cpu"].append(time.process_time() - c0)
+            out[name]["wall"].append(time.perf_counter() - w0)
+    return out

@@ -89,3 +89,80 @@ def test_text_tower(benchmark, text_case, device, dataset, provider):
         flops=text_flops(n * CONTEXT_LENGTH, SIZE),
         grad_to_none=params,
     )
+
+
+RATIO_PROVIDERS = ("trimmed", "bucketed", "bucket1", "bucket2", "bucket4", "bucket8")
+RATIO_ROUNDS = {"cpu": 5, "cuda": 20}
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_text_ratios(benchmark, text_case, device, dataset):
+    """Tokens and forward+backward time ÷ trimmed, from one interleaved measurement.
+
+    The per-provider rows above are timed one after another; on a shared CPU the load
+    changes between them.  Here every provider runs once per round, round-robin, in one
+    thread (so process CPU time measures the work alone), and the ratios use the minimum
+    wall time and the median CPU time over the rounds.  Each provider is first checked
+    against the full-context reference.
+    """
+    import statistics
+
+    from .providers import interleaved_times
+
+    model, params, tokens, dy, ref = text_case(dataset)
+    lengths = (tokens.argmax(dim=-1) + 1).tolist()
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    errs = {p: check_text(model, p, params, tokens, dy, ref) for p in RATIO_PROVIDERS}
+    runs = {p: make_text_step(model, p, params, tokens, dy, dtype) for p in RATIO_PROVIDERS}
+    if device.type == "cuda":
+        from .measure import synchronize
+
+        runs = {p: (lambda f=f: (f(), synchronize(device))) for p, f in runs.items()}
+    threads = torch.get_num_threads()
+    result: dict = {}
+
+    def measure() -> None:
+        torch.set_num_threads(1)
+        try:
+            for run in runs.values():  # warm-up
+                run()
+            result.update(interleaved_times(runs, RATIO_ROUNDS[device.type]))
+        finally:
+            torch.set_num_threads(threads)
+
+    benchmark.group = f"text ratios {dataset}"
+    benchmark.pedantic(measure, rounds=1, iterations=1)
+    trimmed = text_plan("trimmed", lengths).tokens
+    wall = {p: min(t["wall"]) for p, t in result.items()}
+    cpu = {p: statistics.median(t["cpu"]) for p, t in result.items()}
+    rows = {
+        p: {
+            "tokens": text_plan(p, lengths).tokens,
+            "buckets": len(text_plan(p, lengths).lengths),
+            "bucket_lengths": list(text_plan(p, lengths).lengths),
+            "tokens_ratio": text_plan(p, lengths).tokens / trimmed,
+            "wall_s": wall[p],
+            "cpu_s": cpu[p],
+            "wall_ratio": wall[p] / wall["trimmed"],
+            "cpu_ratio": cpu[p] / cpu["trimmed"],
+        }
+        for p in RATIO_PROVIDERS
+    }
+    benchmark.extra_info.update(
+        kind="text-ratios",
+        provider="interleaved",
+        size=SIZE,
+        device=str(device),
+        workload=dataset,
+        n_classes=len(lengths),
+        rounds=RATIO_ROUNDS[device.type],
+        threads=1 if device.type == "cpu" else threads,
+        trimmed_tokens=trimmed,
+        full_tokens=len(lengths) * CONTEXT_LENGTH,
+        prompt_tokens=sum(lengths),
+        ratios=rows,
+        raw=result,
+        check_rel_err=errs,
+        check_tol=TEXT_TOLERANCE,
+    )
+    assert all(r["tokens"] <= trimmed for r in rows.values())

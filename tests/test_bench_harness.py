@@ -24,6 +24,7 @@ LAYER_GROUP = "layer vitb16-vision-qkv bf16 r2 p0.25 fwd+bwd"
 LAYER_IDS = [f"bench/test_layer.py::test_layer[vitb16-vision-qkv-bf16-fwd+bwd-{p}]" for p in providers.LAYER_PROVIDERS]
 STEP_IDS = [f"bench/test_step.py::test_step[EuroSAT-{p}]" for p in providers.STEP_PROVIDERS]
 TEXT_IDS = [f"bench/test_text.py::test_text_tower[EuroSAT-{p}]" for p in workloads.TEXT_PROVIDERS]
+TEXT_IDS.append("bench/test_text.py::test_text_ratios[EuroSAT]")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -54,6 +55,13 @@ def test_every_provider_is_checked_and_recorded(bench_run):
     for b in data["benchmarks"]:
         info = b["extra_info"]
         assert info["size"] == "small" and info["device"] == "cpu"
+        if info["kind"] == "text-ratios":
+            ratios = info["ratios"]
+            assert ratios["trimmed"]["wall_ratio"] == 1.0 and ratios["trimmed"]["tokens_ratio"] == 1.0
+            for r in ratios.values():
+                assert r["wall_s"] > 0 and r["cpu_s"] > 0 and r["tokens"] <= info["trimmed_tokens"]
+            assert all(len(t["wall"]) == info["rounds"] for t in info["raw"].values())
+            continue
         assert info["time_ms"] > 0 and info["flops"] > 0 and info["tflops"] > 0
         assert info["time_ms"] == pytest.approx(b["stats"]["median"] * 1e3)
         assert b["stats"]["rounds"] >= 3
@@ -85,6 +93,7 @@ def test_report_from_the_run(bench_run, tmp_path):
         png = (tmp_path / "rep" / name).read_bytes()
         assert png.startswith(PNG_MAGIC) and len(png) > 5000
     assert "n/a (reduced-size run)" in md and "**not met**" not in md
+    assert "| EuroSAT | bucket4 | 4 | 8 9 10 11 | 94 | 0.855 |" in md  # the interleaved ratio table
     times = {
         b["extra_info"]["provider"]: b["extra_info"]["time_ms"]
         for b in data["benchmarks"]

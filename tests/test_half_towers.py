@@ -66,9 +66,17 @@ def test_what_is_stored_half(custom):
         assert p.dtype == torch.float32 and p.requires_grad
 
 
-@pytest.mark.parametrize("dtype", HALF, ids=["bf16", "fp16"])
-@pytest.mark.parametrize("provider", [patch_fused, patch_reference], ids=["fused", "plain"])
-@pytest.mark.parametrize("custom", [False, True], ids=["MultiheadAttention", "open_clip.Attention"])
+@pytest.mark.parametrize(
+    "custom, provider, dtype",
+    [
+        (False, patch_fused, torch.bfloat16),
+        (True, patch_fused, torch.bfloat16),
+        (False, patch_fused, torch.float16),
+        (True, patch_fused, torch.float16),
+        (True, patch_reference, torch.bfloat16),  # the plain provider: autocast's own casts
+    ],
+    ids=["MHA-fused-bf16", "Attention-fused-bf16", "MHA-fused-fp16", "Attention-fused-fp16", "Attention-plain-bf16"],
+)
 def test_half_storage_is_bitwise_autocast(custom, provider, dtype):
     """Same logits and LoRA gradients, bit for bit, as the fp32-stored model under the
     same autocast: autocast's per-call cast is the very rounding that was stored."""
