@@ -131,11 +131,11 @@ def target_rows(groups: dict[str, dict[str, Row]], claim: bool = True) -> list[l
     rows.append(_target_row("step ImageNet", "peak memory fused ÷ plain", value, "≤", 0.8, claim))
     # Issue 13's text-tower ratios hold on any device (CPU time follows FLOPs): always judged.
     tokens = text_ratio(groups, "text ImageNet", "bucketed", "trimmed", key="tokens")
-    rows.append(_target_row("text ImageNet", "tokens bucketed ÷ trimmed", tokens, "≤", 0.6, True))
     value = text_ratio(groups, "text ImageNet", "bucketed", "trimmed")
     interleaved = interleaved_ratios(groups, "ImageNet")
     if interleaved:  # the round-robin measurement is the robust one on a shared machine
-        value = interleaved["bucketed"]["wall_ratio"]
+        tokens, value = interleaved["bucketed"]["tokens_ratio"], interleaved["bucketed"]["wall_ratio"]
+    rows.append(_target_row("text ImageNet", "tokens bucketed ÷ trimmed", tokens, "≤", 0.6, True))
     rows.append(_target_row("text ImageNet", "text fwd+bwd time bucketed ÷ trimmed", value, "≤", 0.7, True))
     return rows
 
