@@ -253,7 +253,17 @@ def check_layer(provider: str, case: LayerCase) -> dict[str, float]:
 # CLIP-LoRA training step
 # =============================================================================
 
-STEP_PROVIDERS = ("fused", "plain", "fused+trim", "frozen")
+STEP_PROVIDERS = (
+    "fused",
+    "plain",
+    "fused+trim",
+    "fused+bucket",
+    "fused+bucket+half",
+    "official",
+    "frozen",
+    "frozen+bucket+half",
+)
+# TODO(issue 13 item 3): "fused+bucket+half+compile" once the step is one compilable function.
 STEP_DTYPE = torch.bfloat16
 # The paper's optimiser (DESIGN.md section 2); the schedule does not change the cost.
 ADAMW = dict(lr=2e-4, weight_decay=1e-2, betas=(0.9, 0.999))
@@ -261,9 +271,11 @@ ADAMW = dict(lr=2e-4, weight_decay=1e-2, betas=(0.9, 0.999))
 # fp32 the only differences are summation orders (the fused kernels, SDPA on trimmed
 # shapes): ~1e-6 measured, while a wrong term (a missing adapter, a bad trim) is
 # >= 1e-2.  Under bf16 autocast, rounding through 2 x 12 blocks costs 1e-2 to 4e-2 on
-# logits (100·cos amplifies feature errors) and gradients; that bound only catches a
-# broken autocast path, the fp32 check is the exact one.
-STEP_TOLERANCES = {"fp32": 1e-4, "bf16": 1e-1}
+# logits (100·cos amplifies feature errors) and gradients, up to ~0.11 measured on the
+# floors' trainable positional embeddings (each entry a bf16 sum over every prompt or
+# image); that bound only catches a broken autocast path, the fp32 check is the exact
+# one.  A half-stored model must match its fp32-stored twin under autocast exactly.
+STEP_TOLERANCES = {"fp32": 1e-4, "bf16": 1.5e-1, "bf16 vs fp32-stored": 0.0}
 
 
 def step_classnames(n_classes: int) -> list[str]:
@@ -300,53 +312,89 @@ def make_step_inputs(work, tokenizer, device: torch.device, seed: int = 0) -> St
     return StepInputs(images.to(device), labels.to(device), tokens.to(device))
 
 
+def _official_project(self, x, weight, bias, names):
+    """``LoRAAttention._project`` as the paper's code computes it: one projection per
+    slot, each with a dense ``B @ A`` update (:func:`lora_kernels.official_style_lora_linear`)."""
+    lora_a = [self.lora_A[n] if n in self.lora_A else None for n in names]
+    if self.merged or all(a is None for a in lora_a):
+        return F.linear(x, weight, bias)
+    lora_b = [self.lora_B[n] if n in self.lora_B else None for n in names]
+    p = self.dropout if self.training else 0.0
+    return lora_kernels.official_style_lora_linear(
+        x, weight, bias, lora_a=lora_a, lora_b=lora_b, scale=self.scale, dropout_p=p, training=self.training
+    )
+
+
 def build_step_model(
     base: torch.nn.Module, provider: str, device: torch.device, seed: int = 0
 ) -> tuple[torch.nn.Module, list]:
     """A copy of ``base`` (kept on the host) on ``device``, set up as ``provider``;
     returns (model, trainable parameters).
 
-    * ``fused`` / ``fused+trim``: :func:`clip_lora.patch_fused` with the paper's config;
+    * ``fused`` / ``fused+trim`` / ``fused+bucket``: :func:`clip_lora.patch_fused` with
+      the paper's config (the text tower run full, trimmed or length-bucketed);
+    * ``fused+bucket+half``: the same, with the frozen projections stored in the step's
+      dtype (:func:`clip_lora.precision.store_frozen_half`; the fp32 originals are kept
+      on the host for the check);
     * ``plain``: :func:`clip_lora.patch_reference` (PEFT-style plain LoRA);
+    * ``official``: the paper code's step: split q/k/v projections with a dense
+      ``B @ A`` (:func:`lora_kernels.official_style_lora_linear`, swapped into each
+      patched attention's projection), the full 77-token text tower, and fp32 frozen
+      weights cast by autocast on every call;
     * ``frozen``: the floor, i.e. the same model with no LoRA.  It is the fused-patched
       model with its adapters merged into the frozen weights, so its attention is the
       very same SDPA code and each projection a bare ``F.linear``; only the two
       positional embeddings are trainable, which makes backward run through every block
       of both towers (activation gradients, no weight gradients), as it must for LoRA
-      in every block, while its optimiser step is next to nothing.
+      in every block, while its optimiser step is next to nothing;
+    * ``frozen+bucket+half``: that floor with the text tower bucketed and the frozen
+      weights half-stored: the floor of ``fused+bucket+half``.
 
     The adapters get the same random values under every provider (B is not left at
     zero, so the check sees the adapter terms).
     """
     import copy
+    import types
 
     from clip_lora import LoRAConfig, lora_parameters, merge, patch_fused, patch_reference
+    from clip_lora.patch import lora_modules
+    from clip_lora.precision import store_frozen_half
 
+    if provider not in STEP_PROVIDERS:
+        raise ValueError(f"unknown step provider {provider!r}; known: {', '.join(STEP_PROVIDERS)}")
     model = copy.deepcopy(base).to(device)
     torch.manual_seed(seed)  # A's kaiming init draws from the global generator
-    (patch_reference if provider == "plain" else patch_fused)(model, LoRAConfig())
+    (patch_reference if provider in ("plain", "official") else patch_fused)(model, LoRAConfig())
+    if provider == "official":
+        for _, module in lora_modules(model):
+            module._project = types.MethodType(_official_project, module)
     g = torch.Generator(device="cpu").manual_seed(seed)
     with torch.no_grad():
         for p in lora_parameters(model):
             if not p.abs().sum():  # B starts at zero
                 p.copy_(0.02 * torch.randn(p.shape, generator=g))
-    if provider != "frozen":
-        return model, lora_parameters(model)
-    merge(model)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    trainable = [model.positional_embedding, model.visual.positional_embedding]
-    for p in trainable:
-        p.requires_grad_(True)
+    if provider.startswith("frozen"):
+        merge(model)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        trainable = [model.positional_embedding, model.visual.positional_embedding]
+        for p in trainable:
+            p.requires_grad_(True)
+    else:
+        trainable = lora_parameters(model)
+    if provider.endswith("+half"):
+        store_frozen_half(model, STEP_DTYPE, keep_fp32=True)
     return model, trainable
 
 
 def clip_logits(model: torch.nn.Module, provider: str, inputs: StepInputs) -> torch.Tensor:
     """``100 · cos(image feature, class-prompt feature)``: the paper's logits."""
-    from clip_lora import encode_text_trimmed
+    from clip_lora import encode_text_bucketed, encode_text_trimmed
 
     image = model.encode_image(inputs.images, normalize=True)
-    if provider == "fused+trim":
+    if "+bucket" in provider:
+        text = encode_text_bucketed(model, inputs.tokens, normalize=True)
+    elif provider == "fused+trim":
         text = encode_text_trimmed(model, inputs.tokens, normalize=True)
     else:
         text = model.encode_text(inputs.tokens, normalize=True)
@@ -390,29 +438,48 @@ def check_step(model: torch.nn.Module, provider: str, params: list, inputs: Step
 
     Everything runs in eval mode (no dropout: the providers draw their masks
     differently).  The reference is the untrimmed, plain-LoRA model, so ``fused+trim``
-    is checked against the full 77-token text tower and ``fused`` against
-    :func:`lora_kernels.plain_lora_linear`.
+    and ``+bucket`` are checked against the full 77-token text tower and ``fused``
+    against :func:`lora_kernels.plain_lora_linear`.  A ``+half`` provider cannot run
+    outside autocast (half weights, fp32 activations): its fp32 check runs on a twin
+    with the fp32 originals restored, and its bf16 result must equal that twin's under
+    the same autocast bit for bit (``bf16 vs fp32-stored`` = 0), which is what storing
+    autocast's own rounding promises.
     """
     import copy
 
     from clip_lora import LoRAConfig, lora_parameters, lora_state_dict, patch_reference, unpatch
+    from clip_lora.precision import restore_fp32
 
-    ref = copy.deepcopy(model)
-    if provider == "frozen":
+    half = provider.endswith("+half")
+    twin = restore_fp32(copy.deepcopy(model)) if half else model
+    ref = copy.deepcopy(twin)
+    if provider.startswith("frozen"):
         ref_params = [ref.positional_embedding, ref.visual.positional_embedding]
     else:
-        adapters = lora_state_dict(model)
+        adapters = lora_state_dict(twin)
         patch_reference(unpatch(ref), LoRAConfig())
         ref.load_state_dict(adapters, strict=False)
         ref_params = lora_parameters(ref)
     model.eval()
+    twin.eval()
     ref.eval()
     expected = _loss_and_grads(ref, "plain", ref_params, inputs, autocast=False)
     del ref
+    twin_params = params
+    if half:
+        by_name = dict(twin.named_parameters())
+        name_of = {id(p): n for n, p in model.named_parameters()}
+        twin_params = [by_name[name_of[id(p)]] for p in params]
     errs: dict[str, dict] = {}
-    for precision, autocast in (("fp32", False), ("bf16", True)):
-        got = _loss_and_grads(model, provider, params, inputs, autocast=autocast)
-        errs[precision] = {k: rel_err(g, e) for k, g, e in zip(("logits", "loss", "grads"), got, expected, strict=True)}
+    keys = ("logits", "loss", "grads")
+    got = _loss_and_grads(twin, provider, twin_params, inputs, autocast=False)
+    errs["fp32"] = {k: rel_err(g, e) for k, g, e in zip(keys, got, expected, strict=True)}
+    got = _loss_and_grads(model, provider, params, inputs, autocast=True)
+    errs["bf16"] = {k: rel_err(g, e) for k, g, e in zip(keys, got, expected, strict=True)}
+    if half:
+        same = _loss_and_grads(twin, provider, twin_params, inputs, autocast=True)
+        errs["bf16 vs fp32-stored"] = {k: rel_err(g, e) for k, g, e in zip(keys, got, same, strict=True)}
+        del twin
     model.train()
     bad = {
         f"{precision} {k}": v
@@ -422,3 +489,109 @@ def check_step(model: torch.nn.Module, provider: str, params: list, inputs: Step
     }
     assert not bad, f"step {provider}: relative error vs the fp32 reference above {STEP_TOLERANCES}: {bad}"
     return errs
+
+
+# =============================================================================
+# Text tower alone: full / trimmed / bucketed on a dataset's class prompts
+# =============================================================================
+
+TEXT_TOLERANCE = 1e-5  # fp32, only summation orders differ (fewer keys, fewer rows): ~1e-7 measured
+
+
+def build_text_model(size: str, device: torch.device, seed: int = 0) -> tuple[torch.nn.Module, list]:
+    """ViT-B/16's text tower (:func:`bench.workloads.text_tower_config`), random init,
+    fused LoRA on its q/k/v with non-zero B; returns (model, LoRA parameters)."""
+    from open_clip.model import CLIP
+
+    from clip_lora import LoRAConfig, lora_parameters, patch_fused
+
+    from .workloads import text_tower_config
+
+    torch.manual_seed(seed)
+    model = CLIP(**text_tower_config(size)).to(device)
+    patch_fused(model, LoRAConfig(encoder="text"))
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            if not p.abs().sum():
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+    return model, lora_parameters(model)
+
+
+def text_forward(model: torch.nn.Module, provider: str, tokens: torch.Tensor) -> torch.Tensor:
+    """The text features of ``tokens`` as ``provider`` computes them (not normalised)."""
+    from clip_lora import encode_text_bucketed, encode_text_trimmed
+
+    if provider == "full":
+        return model.encode_text(tokens)
+    if provider == "trimmed":
+        return encode_text_trimmed(model, tokens)
+    if provider == "bucketed":
+        return encode_text_bucketed(model, tokens)
+    return encode_text_bucketed(model, tokens, max_buckets=int(provider.removeprefix("bucket")), cost=0)
+
+
+def make_text_step(model, provider: str, params: list, tokens: torch.Tensor, dy: torch.Tensor, dtype):
+    """Forward and backward of the text tower (``dtype`` autocast, None: fp32)."""
+    device_type = tokens.device.type
+
+    def run() -> None:
+        for p in params:
+            p.grad = None
+        with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = text_forward(model, provider, tokens)
+        (out.float() * dy).sum().backward()
+
+    return run
+
+
+def text_reference(model, params: list, tokens: torch.Tensor, dy: torch.Tensor) -> list[torch.Tensor]:
+    """Features and LoRA gradients of the full 77-token ``encode_text`` in fp32."""
+    model.eval()
+    for p in params:
+        p.grad = None
+    out = model.encode_text(tokens)
+    (out * dy).sum().backward()
+    ref = [out.detach().to(torch.float64), *(p.grad.to(torch.float64) for p in params)]
+    for p in params:
+        p.grad = None
+    model.train()
+    return ref
+
+
+def check_text(model, provider: str, params: list, tokens: torch.Tensor, dy: torch.Tensor, ref) -> dict[str, float]:
+    """The provider's fp32 features and LoRA gradients (eval mode: no dropout) against
+    the full-context reference; raises when one differs by more than fp32 rounding."""
+    model.eval()
+    for p in params:
+        p.grad = None
+    out = text_forward(model, provider, tokens)
+    (out * dy).sum().backward()
+    got = [out, *(p.grad for p in params)]
+    errs = {"features": rel_err(got[0], ref[0])}
+    errs["grads"] = max(rel_err(g, r) for g, r in zip(got[1:], ref[1:], strict=True))
+    for p in params:
+        p.grad = None
+    model.train()
+    bad = {k: v for k, v in errs.items() if not v <= TEXT_TOLERANCE}
+    assert not bad, f"text {provider}: relative error vs the full 77-token tower above {TEXT_TOLERANCE}: {bad}"
+    return errs
+
+
+def interleaved_times(runs: dict[str, Callable[[], None]], rounds: int) -> dict[str, dict[str, list[float]]]:
+    """Wall and process-CPU seconds of each run, ``rounds`` times, round-robin.
+
+    On a shared CPU the load drifts during a measurement; running the providers in turn,
+    round after round, exposes them to the same drift, and the per-provider minimum (wall)
+    and median (CPU time, which other processes do not inflate) are then comparable.
+    """
+    import time
+
+    out = {name: {"wall": [], "cpu": []} for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            w0, c0 = time.perf_counter(), time.process_time()
+            run()
+            out[name]["cpu"].append(time.process_time() - c0)
+            out[name]["wall"].append(time.perf_counter() - w0)
+    return out

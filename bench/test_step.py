@@ -6,9 +6,13 @@ CE loss on ``100 · cos``, backward, AdamW step, under bf16 autocast (ViT-B/16, 
 32, LoRA r = 2, alpha 1, p = 0.25 on q/k/v of every block of both towers).
 
 Providers (:mod:`bench.providers`): ``fused``, ``plain``, ``fused+trim`` (the fused
-model with the text context trimmed to the longest prompt) and ``frozen``, the floor:
-no LoRA, but backward through every block.  Each is checked against the fp32 plain
-reference on its own batch before it is timed.
+model with the text context trimmed to the longest prompt), ``fused+bucket`` (the text
+tower run in length buckets), ``fused+bucket+half`` (and frozen weights stored in the
+step's dtype), ``official`` (the paper code's step: split projections with a dense
+``B·A``, full 77-token text, weights cast per call), ``frozen``, the floor: no LoRA, but
+backward through every block, and ``frozen+bucket+half``, the floor of the bucketed,
+half-stored step.  Each is checked against the fp32 plain reference on its own batch
+before it is timed.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from .providers import (
     make_step_inputs,
     make_train_step,
 )
-from .workloads import bench_size, step_flops, step_workloads
+from .workloads import bench_size, step_flops, step_workloads, text_tokens
 
 SIZE = bench_size()
 WORKLOADS = step_workloads(SIZE)
@@ -70,6 +74,7 @@ def test_step(benchmark, base_model, device, work, provider):
         **work.as_dict(),
         trainable_params=sum(p.numel() for p in params),
         longest_prompt_tokens=int(inputs.tokens.argmax(dim=-1).max()) + 1,
+        text_tokens=text_tokens(provider, inputs.tokens),
         check_rel_err=errs,
         check_tol=STEP_TOLERANCES,
     )

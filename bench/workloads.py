@@ -232,3 +232,80 @@ def step_flops(work: StepWorkload) -> int:
         work.n_classes * CONTEXT_LENGTH, CONTEXT_LENGTH, int(t["width"]), int(t["layers"]), t["mlp_ratio"]
     )
     return vf + vb + tf + tb
+
+
+def text_tokens(provider: str, tokens: torch.Tensor) -> int:
+    """Tokens the text tower processes for ``tokens`` under a step provider: the full
+    context, the longest prompt per row (``+trim``) or the bucket plan (``+bucket``)."""
+    from clip_lora.text import plan_buckets
+
+    lengths = (tokens.argmax(dim=-1) + 1).tolist()
+    if "+bucket" in provider:
+        return plan_buckets(lengths).tokens
+    if provider.endswith("+trim"):
+        return max(lengths) * len(lengths)
+    return tokens.shape[0] * tokens.shape[1]
+
+
+# =============================================================================
+# Text-tower workloads: the class prompts of one step, alone
+# =============================================================================
+
+TEXT_PROVIDERS = ("full", "trimmed", "bucketed", "bucket1", "bucket2", "bucket4", "bucket8")
+
+
+def text_tower_config(size: str) -> dict:
+    """The open_clip config of the text-tower benchmarks: ViT-B/16's (width 512, 8 heads,
+    12 blocks, 77-token causal context, EOT pooling, the real tokenizer).  ``small``
+    keeps one block of width 256 (4 heads of 64), so that the 1000 ImageNet prompts at
+    full context run forward and backward in seconds on a 2-core CPU: every provider
+    runs the same blocks, and at these prompt lengths (≤ 18 tokens trimmed) a block's
+    time is its GEMMs', proportional to tokens at any width, so the ratios between
+    providers are the tower's.  The vision tower is shrunk in both: it never runs here."""
+    import copy
+
+    import open_clip
+
+    cfg = copy.deepcopy(open_clip.get_model_config("ViT-B-16"))
+    cfg["vision_cfg"].update(layers=1, width=64, head_width=32, image_size=32, patch_size=16)
+    if size == "small":
+        cfg["text_cfg"].update(layers=1, width=256, heads=4)
+    return cfg
+
+
+def dataset_classnames(dataset: str) -> list[str] | None:
+    """The class names the package ships for ``dataset`` (ImageNet's 1000, EuroSAT's 10
+    renamed classes), or None: the other datasets' names come from their CoOp split
+    files, which are not shipped."""
+    from clip_lora.data import imagenet_classes
+    from clip_lora.data.datasets import EUROSAT_NEW_CNAMES
+
+    if dataset == "ImageNet":
+        return [name for _, name in imagenet_classes()]
+    if dataset == "EuroSAT":
+        return list(EUROSAT_NEW_CNAMES.values())
+    return None
+
+
+def text_plan(provider: str, lengths: list[int]):
+    """The bucket plan a text provider runs (``full``: None, the 77-token context)."""
+    from clip_lora.text import plan_buckets
+
+    if provider == "full":
+        return None
+    if provider == "trimmed":
+        return plan_buckets(lengths, max_buckets=1)
+    if provider == "bucketed":
+        return plan_buckets(lengths)
+    if provider.startswith("bucket"):
+        # At most K buckets chosen by tokens alone: what K buckets can do at best.
+        return plan_buckets(lengths, max_buckets=int(provider.removeprefix("bucket")), cost=0)
+    raise ValueError(f"unknown text provider {provider!r}; known: {', '.join(TEXT_PROVIDERS)}")
+
+
+def text_flops(tokens: int, size: str) -> int:
+    """Forward+backward FLOPs of the text tower on ``tokens`` tokens of full context
+    (:func:`tower_flops`); every provider is credited with the full-context count."""
+    t = text_tower_config(size)["text_cfg"]
+    f, b = tower_flops(tokens, CONTEXT_LENGTH, t["width"], t["layers"], t.get("mlp_ratio", 4.0))
+    return f + b

@@ -23,7 +23,7 @@ from .patch import (
     unmerge,
     unpatch,
 )
-from .text import encode_class_prompts, encode_text_trimmed
+from .text import encode_class_prompts, encode_text_bucketed, encode_text_trimmed
 
 __all__ = [
     "LoRAAttention",
@@ -31,6 +31,7 @@ __all__ = [
     "count_trainable",
     "create_model",
     "encode_class_prompts",
+    "encode_text_bucketed",
     "encode_text_trimmed",
     "load_adapter",
     "load_base_state_dict",

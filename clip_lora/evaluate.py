@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .data import ImageDataset, Sample
 from .text import DEFAULT_TEMPLATE as TEMPLATE
-from .text import class_prompts, encode_text_trimmed
+from .text import class_prompts, encode_text_bucketed
 
 LOGIT_SCALE = 100.0  # the paper's fixed temperature, not the checkpoint's learnt one
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
@@ -54,7 +54,7 @@ def text_features(
     out = []
     with torch.no_grad(), autocast(precision, device):
         for part in tokens.split(chunk):
-            out.append(encode_text_trimmed(model, part, normalize=False).float())
+            out.append(encode_text_bucketed(model, part, normalize=False).float())
     return F.normalize(torch.cat(out), dim=-1)
 
 

@@ -61,7 +61,8 @@ from .data import (
 )
 from .errors import CheckpointError, ClipLoRAError, DivergenceError, PretrainedError, RunLockedError, reason
 from .evaluate import LOGIT_SCALE, TEMPLATE, autocast, evaluate, resolve_precision, text_features
-from .text import class_prompts, encode_text_trimmed
+from .precision import resolve_storage, store_frozen_half
+from .text import class_prompts, encode_text_bucketed
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -533,7 +534,9 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Call
             allow_activation_mismatch=cfg.allow_activation_mismatch,
             **kwargs,
         )
-    return model.to(device), preprocess_val, tokenizer
+    # fp16/bf16: the frozen projections stored once in that dtype, not cast every call (clip_lora.precision).
+    model = store_frozen_half(model.to(device), resolve_storage(cfg.precision, device))
+    return model, preprocess_val, tokenizer
 
 
 # --------------------------------------------------------------------------- training
@@ -569,7 +572,7 @@ def _loss_sum(
         if tokens is not None:
             lo, hi = _shard_bounds(num_classes, rank, world)
             rows = math.ceil(num_classes / world)
-            txt = F.normalize(encode_text_trimmed(model, tokens[lo:hi]).float(), dim=-1)
+            txt = F.normalize(encode_text_bucketed(model, tokens[lo:hi]).float(), dim=-1)
             if world > 1:
                 # Pad to equal blocks for all_gather; the padding rows are sliced away again.
                 txt = _GatherRows.apply(F.pad(txt, (0, 0, 0, rows - (hi - lo))))

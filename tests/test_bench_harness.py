@@ -23,17 +23,19 @@ REPO = Path(__file__).resolve().parents[1]
 LAYER_GROUP = "layer vitb16-vision-qkv bf16 r2 p0.25 fwd+bwd"
 LAYER_IDS = [f"bench/test_layer.py::test_layer[vitb16-vision-qkv-bf16-fwd+bwd-{p}]" for p in providers.LAYER_PROVIDERS]
 STEP_IDS = [f"bench/test_step.py::test_step[EuroSAT-{p}]" for p in providers.STEP_PROVIDERS]
+TEXT_IDS = [f"bench/test_text.py::test_text_tower[EuroSAT-{p}]" for p in workloads.TEXT_PROVIDERS]
+TEXT_IDS.append("bench/test_text.py::test_text_ratios[EuroSAT]")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory) -> tuple[dict, Path]:
-    """A CPU run of one layer group (all 5 providers) and one step group (all 4)."""
+    """A CPU run of one layer group, one step group and one text group, every provider."""
     out = tmp_path_factory.mktemp("bench")
     json_path = out / "run.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the suite never uses it
     env.update(CUDA_VISIBLE_DEVICES="", CLIP_LORA_BENCH_SIZE="small", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "pytest", *LAYER_IDS, *STEP_IDS, "--benchmark-only"]
+    cmd = [sys.executable, "-m", "pytest", *LAYER_IDS, *STEP_IDS, *TEXT_IDS, "--benchmark-only"]
     cmd += [f"--benchmark-json={json_path}", "-p", "no:cacheprovider", "-q", "-o", "addopts="]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -47,14 +49,27 @@ def test_every_provider_is_checked_and_recorded(bench_run):
         by_group.setdefault(b["group"], {})[b["extra_info"]["provider"]] = b
     assert set(by_group[LAYER_GROUP]) == set(providers.LAYER_PROVIDERS)
     assert set(by_group["step EuroSAT"]) == set(providers.STEP_PROVIDERS)
+    assert set(by_group["text EuroSAT"]) == set(workloads.TEXT_PROVIDERS)
+    half = by_group["step EuroSAT"]["fused+bucket+half"]["extra_info"]["check_rel_err"]
+    assert half["bf16 vs fp32-stored"] == {"logits": 0.0, "loss": 0.0, "grads": 0.0}
     for b in data["benchmarks"]:
         info = b["extra_info"]
         assert info["size"] == "small" and info["device"] == "cpu"
+        if info["kind"] == "text-ratios":
+            ratios = info["ratios"]
+            assert ratios["trimmed"]["wall_ratio"] == 1.0 and ratios["trimmed"]["tokens_ratio"] == 1.0
+            for r in ratios.values():
+                assert r["wall_s"] > 0 and r["cpu_s"] > 0 and r["tokens"] <= info["trimmed_tokens"]
+            assert all(len(t["wall"]) == info["rounds"] for t in info["raw"].values())
+            continue
         assert info["time_ms"] > 0 and info["flops"] > 0 and info["tflops"] > 0
         assert info["time_ms"] == pytest.approx(b["stats"]["median"] * 1e3)
         assert b["stats"]["rounds"] >= 3
         errs, tol = info["check_rel_err"], info["check_tol"]
-        if info["kind"] == "layer":
+        if info["kind"] == "text":
+            assert set(errs) == {"features", "grads"} and all(0 <= e <= tol for e in errs.values())
+            assert info["tokens"] <= info["full_tokens"] and info["prompt_tokens"] <= info["tokens"]
+        elif info["kind"] == "layer":
             # y, dX, and per slot dA, dB (frozen: y and dX only)
             assert len(errs) == (2 if info["provider"] == "frozen" else 2 + 2 * info["slots"])
             assert all(0 <= e <= tol for e in errs.values()), (info["provider"], errs)
@@ -78,12 +93,13 @@ def test_report_from_the_run(bench_run, tmp_path):
         png = (tmp_path / "rep" / name).read_bytes()
         assert png.startswith(PNG_MAGIC) and len(png) > 5000
     assert "n/a (reduced-size run)" in md and "**not met**" not in md
+    assert "| EuroSAT | bucket4 | 4 | 8 9 10 11 | 94 | 0.855 |" in md  # the interleaved ratio table
     times = {
         b["extra_info"]["provider"]: b["extra_info"]["time_ms"]
         for b in data["benchmarks"]
         if b["group"] == "step EuroSAT"
     }
-    step_line = next(line for line in md.splitlines() if line.startswith("| EuroSAT |"))
+    step_line = next(line for line in md.splitlines() if line.startswith("| EuroSAT | 2 |"))
     assert f"| {times['plain'] / times['fused']:.2f}× |" in step_line
     assert f"| {times['fused'] / times['frozen']:.2f} |" in step_line
     layer_line = next(line for line in md.splitlines() if line.startswith(f"| {LAYER_GROUP.removeprefix('layer ')} |"))
@@ -122,6 +138,25 @@ def test_report_verdicts_on_a_gpu_shaped_json(tmp_path):
     assert rows[("step ImageNet", "plain ÷ fused")] == ["≥ 1.25", "1.50", "met"]
     assert rows[("step ImageNet", "peak memory fused ÷ plain")] == ["≤ 0.8", "0.50", "met"]
     assert rows[("step EuroSAT", "plain ÷ fused")][1:] == ["—", "not measured"]
+
+
+def test_report_text_rows_and_targets(tmp_path):
+    """The text-tower table and its two targets, judged on any device."""
+    text = dict(kind="text", workload="ImageNet", trimmed_tokens=18000, full_tokens=77000)
+    benches = [
+        _bench("text ImageNet", "full", 40.0, tokens=77000, buckets=1, bucket_lengths=[77], **text),
+        _bench("text ImageNet", "trimmed", 10.0, tokens=18000, buckets=1, bucket_lengths=[18], **text),
+        _bench("text ImageNet", "bucketed", 6.0, tokens=9786, buckets=3, bucket_lengths=[9, 11, 18], **text),
+    ]
+    path = tmp_path / "cpu.json"
+    ctx = {"device": "CPU (2 cores)", "size": "small"}
+    path.write_text(json.dumps({"machine_info": {"clip_lora_bench": ctx}, "benchmarks": benches}))
+    report.main([str(path), "--out", str(tmp_path / "rep")])
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| text ImageNet | tokens bucketed ÷ trimmed | ≤ 0.6 | 0.54 | met |" in md
+    assert "| text ImageNet | text fwd+bwd time bucketed ÷ trimmed | ≤ 0.7 | 0.60 | met |" in md
+    assert "| ImageNet | bucketed | 3 | 9 11 18 | 9786 | 0.544 | 6 | 0.600 |" in md
+    assert "| ImageNet | full | 1 | 77 | 77000 | 4.278 | 40 | 4.000 |" in md
 
 
 def test_layer_check_catches_a_wrong_provider(monkeypatch):

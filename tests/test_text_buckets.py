@@ -1,0 +1,259 @@
+"""Length-bucketed text encoding: the bucket plan is optimal, and features and gradients
+equal the full 77-token ``encode_text`` on the 1000 ImageNet prompts."""
+
+import copy
+import itertools
+import random
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from clip_models import randomize_adapters, tiny_clip, tiny_tokens
+from open_clip.model import CLIP
+
+from clip_lora import LoRAConfig, encode_text_bucketed, encode_text_trimmed, lora_parameters, patch_fused
+from clip_lora.data import imagenet_classes
+from clip_lora.evaluate import text_features
+from clip_lora.text import BUCKET_COST_TOKENS, class_prompts, encode_class_prompts, plan_buckets, text_lengths
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all()
+    return float((a - b).norm() / b.norm())
+
+
+def _run_lengths(model):
+    """Record the sequence length of every text-transformer call."""
+    seen = []
+    model.transformer.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[1]))
+    return seen
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+def _brute_force(lengths, cost, max_buckets):
+    """Cheapest contiguous split of the sorted lengths, by enumerating every cut set."""
+    s = sorted(lengths)
+    n, best = len(s), None
+    for k in range(1, (max_buckets or n) + 1):
+        for cuts in itertools.combinations(range(1, n), k - 1):
+            bounds = (0, *cuts, n)
+            c = sum((b - a) * s[b - 1] + cost for a, b in itertools.pairwise(bounds))
+            best = c if best is None else min(best, c)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_plan_is_optimal(seed):
+    rng = random.Random(seed)
+    lengths = [rng.randint(3, 20) for _ in range(rng.randint(1, 9))]
+    for cost, max_buckets in ((0, None), (5, None), (20, 2), (3, 3), (0, 1)):
+        plan = plan_buckets(lengths, max_buckets=max_buckets, cost=cost)
+        assert plan.tokens + cost * len(plan.lengths) == _brute_force(lengths, cost, max_buckets)
+        assert max_buckets is None or len(plan.lengths) <= max_buckets
+        # Every prompt in exactly one bucket, none longer than its bucket's context.
+        assert sorted(plan.order) == list(range(len(lengths)))
+        for b, L in enumerate(plan.lengths):
+            members = plan.order[plan.starts[b] : plan.starts[b + 1]]
+            assert members and max(lengths[i] for i in members) == L
+
+
+def test_plan_imagenet_lengths():
+    tokens = open_clip.get_tokenizer("ViT-B-16")(class_prompts([n for _, n in imagenet_classes()]))
+    lengths = (tokens.argmax(-1) + 1).tolist()
+    trimmed = max(lengths) * len(lengths)
+    assert plan_buckets(lengths, max_buckets=1).tokens == trimmed
+    assert plan_buckets(lengths, cost=0).tokens == sum(lengths)  # one bucket per distinct length
+    chosen = plan_buckets(lengths)
+    assert chosen.tokens <= 0.6 * trimmed
+    # The cost model stops where one more bucket saves less than it costs.
+    k = len(chosen.lengths)
+    more = plan_buckets(lengths, max_buckets=k + 1, cost=0)
+    assert chosen.tokens - more.tokens <= BUCKET_COST_TOKENS
+
+
+def test_plan_rejects_bad_input():
+    with pytest.raises(ValueError, match="at least one"):
+        plan_buckets([])
+    with pytest.raises(ValueError, match="max_buckets"):
+        plan_buckets([3, 4], max_buckets=0)
+    with pytest.raises(ValueError, match="cost"):
+        plan_buckets([3, 4], cost=-1)
+
+
+# --------------------------------------------------------------------------- exactness
+
+
+def _imagenet_text_model(reduced: bool) -> torch.nn.Module:
+    """ViT-B/16's open_clip config with a random init; ``reduced`` narrows the text
+    tower to width 128, 2 layers (same tokenizer, context, causal mask and pooling) so
+    the full-context reference on 1000 prompts stays affordable on a CPU."""
+    cfg = copy.deepcopy(open_clip.get_model_config("ViT-B-16"))
+    cfg["vision_cfg"].update(layers=1, width=64, head_width=32, image_size=32, patch_size=16)
+    if reduced:
+        cfg["text_cfg"].update(width=128, heads=2, layers=2)
+    torch.manual_seed(0)
+    model = CLIP(**cfg)
+    patch_fused(model, LoRAConfig(encoder="text", params=("q", "k", "v", "o"), dropout=0.0))
+    randomize_adapters(model, std=0.05)
+    model.positional_embedding.requires_grad_(True)  # a non-LoRA gradient through every position
+    return model.train()
+
+
+def _features_and_grads(model, encode, tokens, weights):
+    params = [*lora_parameters(model), model.positional_embedding]
+    for p in params:
+        p.grad = None
+    out = encode(tokens)
+    (out * weights).sum().backward()
+    return out.detach(), [p.grad.clone() for p in params]
+
+
+def _check_imagenet_exact(model):
+    tokens = open_clip.get_tokenizer("ViT-B-16")(class_prompts([n for _, n in imagenet_classes()]))
+    g = torch.Generator().manual_seed(1)
+    weights = torch.randn(len(tokens), model.text_projection.shape[1], generator=g)
+    seen = _run_lengths(model)
+    full = _features_and_grads(model, model.encode_text, tokens, weights)
+    bucketed = _features_and_grads(model, lambda t: encode_text_bucketed(model, t), tokens, weights)
+    plan = plan_buckets(text_lengths(model, tokens))
+    assert len(plan.lengths) > 1 and seen == [77, *plan.lengths]
+    # fp32 throughout: only summation orders differ (attention over fewer keys, GEMMs
+    # over fewer rows), ~1e-7 relative; a wrong bucket or order would be O(1).
+    assert _rel(bucketed[0], full[0]) < 1e-5
+    for got, ref in zip(bucketed[1], full[1], strict=True):
+        assert ref.abs().sum() > 0 and _rel(got, ref) < 1e-5
+
+
+def test_bucketed_equals_full_context_imagenet():
+    _check_imagenet_exact(_imagenet_text_model(reduced=True))
+
+
+@pytest.mark.slow
+def test_bucketed_equals_full_context_imagenet_vit_b16_text_tower():
+    _check_imagenet_exact(_imagenet_text_model(reduced=False))
+
+
+@pytest.mark.parametrize("custom", [False, True], ids=["MultiheadAttention", "open_clip.Attention"])
+def test_bucketed_keeps_input_order_and_normalises(custom):
+    model = patch_fused(tiny_clip(custom), LoRAConfig(dropout=0.0))
+    randomize_adapters(model)
+    tokens = tiny_tokens(n=9, seed=5)
+    with torch.no_grad():
+        ref = model.encode_text(tokens, normalize=True)
+        for max_buckets in (1, 2, 3, None):
+            out = encode_text_bucketed(model, tokens, normalize=True, max_buckets=max_buckets, cost=0)
+            assert _rel(out, ref) < 1e-5
+        perm = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(0))
+        assert _rel(encode_text_bucketed(model, tokens[perm], cost=0), model.encode_text(tokens[perm])) < 1e-5
+
+
+def test_one_bucket_is_the_trimmed_run():
+    model = tiny_clip(custom=False)
+    tokens = tiny_tokens(n=4)
+    tokens[:, 6:] = 0
+    tokens[:, 5] = 63  # every prompt ends at the same position: one bucket
+    seen = _run_lengths(model)
+    with torch.no_grad():
+        out = encode_text_bucketed(model, tokens)
+        assert seen == [6]
+        torch.testing.assert_close(out, encode_text_trimmed(model, tokens), atol=0, rtol=0)
+        seen.clear()
+        varied = tiny_tokens(n=6)
+        out = encode_text_bucketed(model, varied, max_buckets=1)
+        assert seen == [int(varied.argmax(-1).max()) + 1]
+        torch.testing.assert_close(out, encode_text_trimmed(model, varied), atol=0, rtol=0)
+
+
+def test_non_causal_tower_falls_back_to_full_run():
+    model = tiny_clip(custom=False)
+    model.attn_mask = None  # bidirectional: neither trimming nor bucketing is exact
+    tokens = tiny_tokens(n=6)
+    seen = _run_lengths(model)
+    with torch.no_grad():
+        out = encode_text_bucketed(model, tokens, cost=0)
+        assert seen == [16]
+        torch.testing.assert_close(out, model.encode_text(tokens), atol=0, rtol=0)
+    assert text_lengths(model, tokens) is None
+
+
+def test_first_token_pooling_falls_back():
+    model = tiny_clip(custom=False)
+    model.text_pool_type = "first"
+    tokens = tiny_tokens(n=5)
+    seen = _run_lengths(model)
+    with torch.no_grad():
+        torch.testing.assert_close(encode_text_bucketed(model, tokens, cost=0), model.encode_text(tokens))
+    assert seen == [16, 16]
+
+
+# --------------------------------------------------------------------------- every caller
+
+
+def test_every_text_caller_buckets(monkeypatch):
+    """evaluate's text features, encode_class_prompts and the training step's loss all
+    run the tower once per bucket of the plan."""
+    import clip_lora.train as train
+
+    model = patch_fused(tiny_clip(custom=False), LoRAConfig(dropout=0.0))
+    monkeypatch.setattr("clip_lora.text.BUCKET_COST_TOKENS", 0)  # tiny prompts: every length its own bucket
+    tokens = tiny_tokens(n=8, seed=7)
+    expected = sorted(set((tokens.argmax(-1) + 1).tolist()))
+    assert len(expected) > 1
+    seen = _run_lengths(model)
+    with torch.no_grad():
+        text_features(model, tokens)
+    assert seen == expected
+
+    seen.clear()
+    images = torch.randn(2, 3, 32, 32)
+    loss = train._loss_sum(
+        model.train(),
+        images,
+        torch.tensor([0, 3]),
+        tokens=tokens,
+        fixed_text=None,
+        num_classes=len(tokens),
+        train_vision=True,
+        precision="fp32",
+        logit_scale=100.0,
+        rank=0,
+        world=1,
+    )
+    assert seen == list(expected)
+    ref = F.cross_entropy(
+        100.0 * F.normalize(model.encode_image(images), dim=-1) @ F.normalize(model.encode_text(tokens), dim=-1).t(),
+        torch.tensor([0, 3]),
+        reduction="sum",
+    )
+    assert abs(loss.item() - ref.item()) < 1e-4 * abs(ref.item())
+
+
+@pytest.mark.parametrize("cost", [None, 0])
+def test_encode_class_prompts_buckets(monkeypatch, cost):
+    model = tiny_clip(custom=False)
+    vocab = {"short": [5], "long": [6, 7, 8, 9, 10, 11]}
+
+    def tokenizer(prompts):
+        out = torch.zeros(len(prompts), 16, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids = [1, *vocab[p], 63]
+            out[i, : len(ids)] = torch.tensor(ids)
+        return out
+
+    if cost is not None:
+        monkeypatch.setattr("clip_lora.text.BUCKET_COST_TOKENS", cost)
+    seen = _run_lengths(model)
+    names = ["short", "long"] * 2 + ["short"] * 28
+    with torch.no_grad():
+        feats = encode_class_prompts(model, tokenizer, names, template="{}")
+        runs = list(seen)
+        ref = model.encode_text(tokenizer(names), normalize=True)
+    assert _rel(feats, ref) < 1e-5
+    # 30 prompts of 3 tokens and 2 of 8: a second bucket saves 150 tokens, less than
+    # the default bucket cost (one run of 8), more than a zero cost (runs of 3 and 8).
+    assert BUCKET_COST_TOKENS > 150
+    assert runs == ([8] if cost is None else [3, 8])
