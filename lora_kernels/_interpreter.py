@@ -71,7 +71,9 @@ def patch_bf16_dot() -> None:
             return original_cast(self, src, dst_type)
         data = bf16_bits_to_f32(src.data) if is_bf16(src) else src.data
         if dst == tl.bfloat16:
-            return handle_cls(f32_to_bf16_bits(data.astype(np.float32)), tl.bfloat16)
+            with np.errstate(all="ignore"):
+                data = data.astype(np.float32)
+            return handle_cls(f32_to_bf16_bits(data), tl.bfloat16)
         return original_cast(self, handle_cls(data, tl.float32), dst_type)
 
     original_binary = builder.binary_op
@@ -79,7 +81,8 @@ def patch_bf16_dot() -> None:
     def binary_op(self, lhs, rhs, op):
         if not (is_bf16(lhs) or is_bf16(rhs)):
             return original_binary(self, lhs, rhs, op)
-        out = op(widen(lhs).data, widen(rhs).data)
+        with np.errstate(all="ignore"):  # overflow to Inf, NaN: what the GPU does, silently
+            out = op(widen(lhs).data, widen(rhs).data)
         if out.dtype == np.bool_:
             return handle_cls(out, tl.int1)
         return handle_cls(f32_to_bf16_bits(out), tl.bfloat16)
@@ -89,7 +92,9 @@ def patch_bf16_dot() -> None:
     def unary_op(self, arg, op):
         if not is_bf16(arg):
             return original_unary(self, arg, op)
-        return handle_cls(f32_to_bf16_bits(op(widen(arg).data)), tl.bfloat16)
+        with np.errstate(all="ignore"):
+            out = op(widen(arg).data)
+        return handle_cls(f32_to_bf16_bits(out), tl.bfloat16)
 
     builder.create_dot = create_dot
     builder.cast_impl = cast_impl

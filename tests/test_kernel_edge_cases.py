@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from conftest import HAS_CUDA
 from kernel_cases import make_case, rel_err, run_reference
 
@@ -229,3 +231,36 @@ def test_fp16_adapter_masters_under_bf16_autocast(backend):
     ref = run_reference(case, p=0.25, seed=4)
     for g, r in zip([y, x.grad, *grads], ref):
         assert rel_err(g, r) < 1.5e-2  # x and W rounded to bf16 by autocast
+
+
+# --------------------------------------------------------------------------- interpreter
+
+
+@triton.jit
+def _round_trip_kernel(src_ptr, bf16_ptr, prod_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    ok = offs < n
+    v = tl.load(src_ptr + offs, mask=ok).to(tl.bfloat16)  # fp32 -> bf16
+    tl.store(bf16_ptr + offs, v, mask=ok)
+    tl.store(prod_ptr + offs, v * v, mask=ok)  # bf16 arithmetic
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the CPU interpreter's bf16 patch")
+def test_interpreter_bf16_rounds_like_a_gpu():
+    # The interpreter once truncated fp32 -> bf16 (biasing every bf16 result toward zero,
+    # doubling the kernels' error on CPU) and multiplied bf16 bit patterns as integers.
+    fused_lora._use_triton("triton", torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    src = torch.cat([
+        torch.randn(200, generator=g) * 100,
+        torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 3.0e38, float("nan"), float("inf"), -0.0]),
+    ])
+    n = src.numel()
+    out = torch.empty(n, dtype=torch.bfloat16)
+    prod = torch.empty(n, dtype=torch.bfloat16)
+    _round_trip_kernel[(1,)](src, out, prod, n, BLOCK=256)
+    want = src.to(torch.bfloat16)  # round to nearest, ties to even
+    for got, ref in ((out, want), (prod, want * want)):
+        assert torch.equal(got.isnan(), ref.isnan())  # NaN stays NaN (its payload may differ)
+        number = ~ref.isnan()
+        assert torch.equal(got[number].view(torch.int16), ref[number].view(torch.int16))
