@@ -30,6 +30,10 @@ Passes over the big tensors (X, W, Y, dY, dX); everything else is M×S·R or sma
                               adds the masked dH·A term to dX and the dA partials.
               reductions      dA, dB partials [M/BLOCK_M, …] summed in a fixed order.
 
+    Column tiles never straddle two slots (:func:`_slot_tile`), so a NaN or Inf in one
+    slot's A, B, H or dY never meets another slot's values as NaN·0; dropout multiplies
+    by the mask, as ``F.dropout`` does, so a NaN at a dropped position stays NaN.
+
     X: 2 reads forward + 1 read backward.  Y: 1 write.  dY: read once per K-tile (the
     GEMM's own re-reads).  dX: 1 write.  Nothing mask-sized is stored; the saved
     tensors are X, H and the seed.
