@@ -7,9 +7,12 @@ and the adapters' dtype (fp32 masters or x's dtype).  For each draw:
 
 * y, dX, dA and dB match the fp64 reference (:mod:`lora_kernels.reference`, autograd
   through the public mask helper) within a bound derived from the same math done
-  plainly in the low dtype: ``‖got − ref‖ ≤ 2·‖low − ref‖ + 8u·‖|ref|‖``, where
+  plainly in the low dtype: ``‖got − ref‖ ≤ 2·‖low − ref‖ + floor·‖|ref|‖``, where
   ``|ref|`` is the same computation on the inputs' absolute values (the scale that
-  rounding errors are proportional to) and u is the dtype's unit roundoff;
+  rounding errors are proportional to).  The floor covers what the plain math does not
+  round the same way: fp32 summation order (8 fp32 roundoffs; measured need: 0.5) and,
+  in half precision, an eighth of the dtype's roundoff (measured need: 0 over 180
+  draws).  A 30% error on one of K > 40 input columns of A in bf16 fails it;
 * the mask ``dropout_mask`` reports is the one applied in the forward, in dX and in dA
   (a probe whose every single-element mask difference moves the output by far more
   than its rounding error);
@@ -179,12 +182,12 @@ def check_against_reference(d: Draw, backend: str) -> None:
     names = ["y", "dX"] + [f"dA{s}" for s, on in enumerate(d.adapted) if on] + [
         f"dB{s}" for s, on in enumerate(d.adapted) if on
     ]
-    u = UNIT_ROUNDOFF[d.dtype]
+    floor = max(8 * UNIT_ROUNDOFF[torch.float32], UNIT_ROUNDOFF[d.dtype] / 8)
     for name, g, r, lo, sz in zip(names, got, ref, low, size):
         assert g.shape == r.shape, name
         assert torch.isfinite(g).all(), f"{name}: NaN or Inf"
         err = _norm(g.double().cpu() - r.cpu())
-        bound = 2 * _norm(lo.double().cpu() - r.cpu()) + 8 * u * _norm(sz)
+        bound = 2 * _norm(lo.double().cpu() - r.cpu()) + floor * _norm(sz)
         assert err <= bound, f"{name}: ‖got − ref‖ = {err:.3e} > bound {bound:.3e} ({d})"
 
 
