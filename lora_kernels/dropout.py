@@ -14,10 +14,17 @@ not the memory traffic, is what the dropout costs; see bench/NOTES.md).  The fie
 a murmur3 finalizer's output are independent for practical purposes (tested in
 tests/test_dropout.py)::
 
-    key      = fmix32(seed)
+    word     = lo32(seed) ^ (hi32(seed) * 0x9E3779B9)    seed as an int64, two's complement
+    key      = fmix32(word)
     row(m)   = fmix32(key ^ (m * 0x85EBCA77))            once per row
     h(m, k)  = fmix32(row(m) ^ (k * 0xC2B2AE3D))         once per element
     keep_s   = ((h >> 10·s) & 1023) >= round(1024 · p)
+
+The seed is any integer in the int64 range, a Python int or an integer tensor of one
+element; a seed tensor keeps its value on the device (the kernels fold it themselves).
+Every seed in [0, 2^32) and every seed in [-2^31, 2^31) gets its own mask (``word`` is
+the seed itself for 0 <= seed < 2^32); two int64 seeds share a mask only when their
+words coincide, as 2^64 seeds onto 2^32 words must.
 
 So p is realised in steps of 1/1024 (0.25 exactly), and kept values are scaled by
 ``1 / P(keep)`` of the realised probability (:func:`keep_scale`), which keeps the
@@ -31,6 +38,8 @@ different ones).
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import triton
 import triton.language as tl
@@ -41,7 +50,10 @@ COL_MULT = 0xC2B2AE3D
 FIELD_BITS = 10
 FIELD_LEVELS = 1 << FIELD_BITS
 MAX_MASK_SLOTS = 32 // FIELD_BITS  # three 10-bit fields per hash
-SEED_MAX = 2**31 - 1  # seeds live in [0, 2^31 - 1) so they fit int32 and int64 alike
+SEED_MAX = 2**31 - 1  # draw_seed draws from [0, SEED_MAX); any int64 seed is accepted
+SEED_HIGH_MULT = 0x9E3779B9  # folds the seed's high word in (odd, so each high word permutes)
+_INT64 = (-(2**63), 2**63 - 1)
+_SEED_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.uint16, torch.int32, torch.uint32, torch.int64)
 
 
 def keep_threshold(p: float) -> int:
@@ -54,7 +66,45 @@ def keep_scale(p: float) -> float:
     return FIELD_LEVELS / (FIELD_LEVELS - keep_threshold(p))
 
 
+def check_seed(seed, name: str = "seed"):
+    """``seed`` as a Python int or an int64 tensor of shape (), or a TypeError/ValueError.
+
+    Accepts Python and NumPy integers in the int64 range and integer tensors of one
+    element; rejects bools, floats and anything else rather than truncating them.
+    A tensor is not read on the host (no device sync).
+    """
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype not in _SEED_DTYPES:
+            raise TypeError(f"{name} tensor must have an integer dtype (int64 or narrower), got {seed.dtype}")
+        if seed.numel() != 1:
+            raise ValueError(f"{name} tensor must hold exactly one value, got shape {tuple(seed.shape)}")
+        return seed.reshape(()).to(torch.int64)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"{name} must be an int or an integer tensor, got {type(seed).__name__} {seed!r}")
+    seed = int(seed)
+    if not _INT64[0] <= seed <= _INT64[1]:
+        raise ValueError(f"{name} must fit in int64 ([-2**63, 2**63 - 1]), got {seed}")
+    return seed
+
+
+def seed_word(seed: int | torch.Tensor) -> int:
+    """The 32-bit word a seed is hashed from: ``lo32(seed) ^ (hi32(seed) * 0x9E3779B9)``."""
+    seed = check_seed(seed)
+    if isinstance(seed, torch.Tensor):
+        seed = int(seed.item())
+    return ((seed & _U32) ^ (((seed >> 32) & _U32) * SEED_HIGH_MULT)) & _U32
+
+
 # --------------------------------------------------------------------------- Triton
+
+
+@triton.jit
+def fold_seed(seed):
+    """int64 seed -> its uint32 word, as :func:`seed_word` computes on the host.  The
+    shift is arithmetic, but the truncation keeps only bits 32..63 of the seed."""
+    lo = seed.to(tl.uint32)
+    hi = (seed >> 32).to(tl.uint32)
+    return lo ^ (hi * 0x9E3779B9)
 
 
 @triton.jit
@@ -98,9 +148,11 @@ def _fmix32_torch(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
-def mask_hash(seed: int, num_rows: int, num_cols: int, device: torch.device | str = "cpu") -> torch.Tensor:
+def mask_hash(
+    seed: int | torch.Tensor, num_rows: int, num_cols: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """The [num_rows, num_cols] hash (int64 holding uint32) that every slot's mask reads."""
-    key = _fmix32_torch(torch.tensor(int(seed) & _U32, dtype=torch.int64, device=device))
+    key = _fmix32_torch(torch.tensor(seed_word(seed), dtype=torch.int64, device=device))
     rows = torch.arange(num_rows, device=device, dtype=torch.int64)
     row = _fmix32_torch(key ^ ((rows * ROW_MULT) & _U32))
     cols = (torch.arange(num_cols, device=device, dtype=torch.int64) * COL_MULT) & _U32
@@ -127,6 +179,4 @@ def dropout_mask(
     """
     if not 0 <= slot < MAX_MASK_SLOTS:
         raise ValueError(f"slot must be in 0..{MAX_MASK_SLOTS - 1}, got {slot}")
-    if isinstance(seed, torch.Tensor):
-        seed = int(seed.item())
     return keep_from_hash(mask_hash(seed, num_rows, num_cols, device), slot, p)

@@ -30,6 +30,10 @@ Passes over the big tensors (X, W, Y, dY, dX); everything else is M×S·R or sma
                               adds the masked dH·A term to dX and the dA partials.
               reductions      dA, dB partials [M/BLOCK_M, …] summed in a fixed order.
 
+    Column tiles never straddle two slots (:func:`_slot_tile`), so a NaN or Inf in one
+    slot's A, B, H or dY never meets another slot's values as NaN·0; dropout multiplies
+    by the mask, as ``F.dropout`` does, so a NaN at a dropped position stays NaN.
+
     X: 2 reads forward + 1 read backward.  Y: 1 write.  dY: read once per K-tile (the
     GEMM's own re-reads).  dX: 1 write.  Nothing mask-sized is stored; the saved
     tensors are X, H and the seed.
@@ -41,6 +45,8 @@ launchers, ``torch.library`` custom ops with autograd, keyword-only entry point.
 from __future__ import annotations
 
 import itertools
+import math
+import numbers
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,6 +59,8 @@ from ._interpreter import patch_bf16_dot
 from .dropout import (
     MAX_MASK_SLOTS,
     SEED_MAX,
+    check_seed,
+    fold_seed,
     keep_from_hash,
     keep_scale,
     keep_threshold,
@@ -79,7 +87,7 @@ def _slot_ranges(slot_bounds: Sequence[int]) -> list[tuple[int, int]]:
 def _torch_masks(seed, M, K, num_slots, adapted, p, device):
     if p == 0.0:
         return [None] * num_slots
-    h = mask_hash(int(seed.item()), M, K, device)
+    h = mask_hash(seed, M, K, device)
     return [keep_from_hash(h, s, p) if (adapted >> s) & 1 else None for s in range(num_slots)]
 
 
@@ -134,17 +142,33 @@ def _torch_backward(dy, x, weight, h, lora_a, lora_b, seed, slot_bounds, adapted
 
 
 @triton.jit
-def _slot_of(offs_n, bound1, bound2):
-    # Slot index of each output column; unused bounds are N, so they never count.
-    return (offs_n >= bound1).to(tl.int32) + (offs_n >= bound2).to(tl.int32)
+def _num_slot_tiles(N, bound1, bound2, BLOCK_N: tl.constexpr):
+    # Column tiles when each slot is tiled on its own (unused bounds are N: no tiles).
+    return tl.cdiv(bound1, BLOCK_N) + tl.cdiv(bound2 - bound1, BLOCK_N) + tl.cdiv(N - bound2, BLOCK_N)
 
 
 @triton.jit
-def _tile_ids(M, N_OUT, BLOCK_M: tl.constexpr, BLOCK_OUT: tl.constexpr, GROUP_M: tl.constexpr):
+def _slot_tile(t, N, bound1, bound2, BLOCK_N: tl.constexpr):
+    """Column tile ``t`` -> (its slot, first column, end of its slot).
+
+    Slots are tiled one after another, so no tile straddles two slots: a slot's values
+    then never meet another slot's through a dot, and a NaN or Inf in one slot cannot
+    reach the others as NaN·0.  CLIP's slot widths (multiples of 64) tile exactly as
+    the plain N loop would; an odd slot width costs one partial tile.
+    """
+    t1 = tl.cdiv(bound1, BLOCK_N)
+    t2 = t1 + tl.cdiv(bound2 - bound1, BLOCK_N)
+    slot = (t >= t1).to(tl.int32) + (t >= t2).to(tl.int32)
+    lo = tl.where(t >= t2, bound2, tl.where(t >= t1, bound1, 0))
+    hi = tl.where(t >= t2, N, tl.where(t >= t1, bound2, bound1))
+    first = tl.where(t >= t2, t2, tl.where(t >= t1, t1, 0))
+    return slot, lo + (t - first) * BLOCK_N, hi
+
+
+@triton.jit
+def _tile_ids(num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     # Grouped ordering (Triton tutorial 03): neighbouring programs share row tiles in L2.
     pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N_OUT, BLOCK_OUT)
     group = GROUP_M * num_pid_n
     first_m = (pid // group) * GROUP_M
     group_m = min(num_pid_m - first_m, GROUP_M)
@@ -170,7 +194,7 @@ def _lora_shrink_kernel(
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     acc = tl.zeros((BLOCK_M, SR_PAD), dtype=tl.float32)
     if HAS_DROPOUT:
-        row_h = row_hash(tl.load(seed_ptr).to(tl.uint32), offs_m)
+        row_h = row_hash(fold_seed(tl.load(seed_ptr)), offs_m)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
@@ -182,7 +206,8 @@ def _lora_shrink_kernel(
                 if (adapted >> s) & 1:
                     in_slot = (offs_i >= s * R) & (offs_i < s * R + R)
                     a = tl.load(a_ptrs, mask=k_ok[:, None] & in_slot[None, :], other=0.0)
-                    xs = tl.where(slot_keep(h, s, threshold), x, 0.0)
+                    # x · mask, as F.dropout: a NaN or Inf at a dropped position gives NaN.
+                    xs = x * slot_keep(h, s, threshold).to(x.dtype)
                     acc += tl.dot(xs, a.to(x.dtype), input_precision=DOT_PRECISION)
         else:
             a = tl.load(a_ptrs, mask=k_ok[:, None] & (offs_i < SR)[None, :], other=0.0)
@@ -202,12 +227,16 @@ def _lora_forward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Y = X Wᵀ, with scale·H Bᵀ and the bias added in the epilogue (Y written once)."""
-    pid_m, pid_n, _ = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    """Y = X Wᵀ, with scale·H Bᵀ and the bias added in the epilogue (Y written once).
+
+    Each column tile lies in one slot (:func:`_slot_tile`)."""
+    num_pid_n = _num_slot_tiles(N, bound1, bound2, BLOCK_N)
+    pid_m, pid_n, _ = _tile_ids(tl.cdiv(M, BLOCK_M), num_pid_n, GROUP_M)
+    slot, n0, n_end = _slot_tile(pid_n, N, bound1, bound2, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
-    n_ok = offs_n < N
+    n_ok = offs_n < n_end
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     w_cols = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -218,16 +247,16 @@ def _lora_forward_kernel(
         w = tl.load(w_cols + offs_k[:, None] * stride_wk, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc += tl.dot(x, w, input_precision=DOT_PRECISION)
 
-    # Epilogue: one extra dot of depth SR_PAD.  B is expanded block-diagonally on the
-    # fly: column n only sees the R adapter columns of its own slot.
+    # Epilogue: one extra dot of depth SR_PAD over this slot's R columns of H (the
+    # others are not loaded, so a NaN in another slot's H cannot reach this tile).
     offs_i = tl.arange(0, SR_PAD)
+    in_slot = (offs_i // R) == slot
     h = tl.load(
         h_ptr + offs_m[:, None].to(tl.int64) * SR + offs_i[None, :],
-        mask=m_ok[:, None] & (offs_i < SR)[None, :],
+        mask=m_ok[:, None] & in_slot[None, :],
         other=0.0,
     )
-    slot_n = _slot_of(offs_n, bound1, bound2)
-    sel = ((offs_i[:, None] // R) == slot_n[None, :]) & (offs_i < SR)[:, None] & n_ok[None, :]
+    sel = in_slot[:, None] & n_ok[None, :]
     b = tl.load(b_ptr + offs_n[None, :] * stride_bn + (offs_i % R)[:, None] * stride_br, mask=sel, other=0.0)
     # fp32 operands (tf32 tensor cores for half inputs): H and B keep 10 mantissa bits
     # instead of bf16's 7, at no visible cost for a 16-deep dot.
@@ -255,7 +284,7 @@ def _lora_backward_kernel(
     rows is computed by the one program with pid_k == t % num_pid_k, so the dB work is
     spread evenly and each partial is written exactly once (no atomics).
     """
-    pid_m, pid_k, num_pid_k = _tile_ids(M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    pid_m, pid_k, num_pid_k = _tile_ids(tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
     dt = x_ptr.dtype.element_ty
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -272,9 +301,10 @@ def _lora_backward_kernel(
     dy_rows = dy_ptr + offs_m[:, None].to(tl.int64) * stride_dym
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     dh = tl.zeros((BLOCK_M, SR_PAD), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
+    for t in range(0, _num_slot_tiles(N, bound1, bound2, BLOCK_N)):
+        slot, n0, n_end = _slot_tile(t, N, bound1, bound2, BLOCK_N)
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
+        n_ok = offs_n < n_end
         dy = tl.load(dy_rows + offs_n[None, :] * stride_dyn, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
         w = tl.load(
             w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :] * stride_wk,
@@ -282,12 +312,14 @@ def _lora_backward_kernel(
             other=0.0,
         )
         acc += tl.dot(dy, w, input_precision=DOT_PRECISION)
-        slot_n = _slot_of(offs_n, bound1, bound2)
-        sel = ((offs_i[None, :] // R) == slot_n[:, None]) & i_ok[None, :] & n_ok[:, None]
+        in_slot = (offs_i // R) == slot
+        sel = in_slot[None, :] & n_ok[:, None]
         b_off = offs_n[:, None] * stride_bn + (offs_i % R)[None, :] * stride_br
-        b = tl.load(b_ptr + b_off, mask=sel, other=0.0)  # block-diagonal B, [BLOCK_N, SR_PAD]
-        dh += tl.dot(dy, b.to(dt), input_precision=DOT_PRECISION)
-        if (n0 // BLOCK_N) % num_pid_k == pid_k:
+        b = tl.load(b_ptr + b_off, mask=sel, other=0.0)  # this slot's B_s, [BLOCK_N, SR_PAD]
+        # Only this slot's dH columns take the dot: the others would get dY·0, which is
+        # NaN wherever dY is not finite.
+        dh += tl.where(in_slot[None, :], tl.dot(dy, b.to(dt), input_precision=DOT_PRECISION), 0.0)
+        if t % num_pid_k == pid_k:
             db = tl.dot(tl.trans(dy), h, input_precision=DOT_PRECISION) * scale
             db_off = pid_m.to(tl.int64) * N * R + offs_n[:, None] * R + (offs_i % R)[None, :]
             tl.store(db_part_ptr + db_off, db, mask=sel)
@@ -303,15 +335,16 @@ def _lora_backward_kernel(
     a_ptrs = a_ptr + offs_i[:, None] * stride_am + offs_k[None, :] * stride_ak
     da_ptrs = da_part_ptr + pid_m.to(tl.int64) * SR * K + offs_i[:, None] * K + offs_k[None, :]
     if HAS_DROPOUT:
-        h = tile_hash(row_hash(tl.load(seed_ptr).to(tl.uint32), offs_m), offs_k)
+        h = tile_hash(row_hash(fold_seed(tl.load(seed_ptr)), offs_m), offs_k)
         for s in range(num_slots):
             if (adapted >> s) & 1:
                 in_slot = (offs_i >= s * R) & (offs_i < s * R + R)
                 a = tl.load(a_ptrs, mask=in_slot[:, None] & k_ok[None, :], other=0.0)
                 keep = slot_keep(h, s, threshold)
+                # Multiply by the mask, as autograd of x·mask does: NaN stays NaN.
                 up = tl.dot(dh, a.to(tl.float32), input_precision=DOT_PRECISION)
-                acc += tl.where(keep, up, 0.0) * keep_scale
-                da = tl.dot(tl.trans(dh_lo), tl.where(keep, x, 0.0), input_precision=DOT_PRECISION)
+                acc += up * (keep.to(tl.float32) * keep_scale)
+                da = tl.dot(tl.trans(dh_lo), x * keep.to(dt), input_precision=DOT_PRECISION)
                 tl.store(da_ptrs, da * keep_scale, mask=in_slot[:, None] & k_ok[None, :])
     else:
         a = tl.load(a_ptrs, mask=i_ok[:, None] & k_ok[None, :], other=0.0)
@@ -395,12 +428,44 @@ def _bounds(slot_bounds: Sequence[int], N: int) -> list[int]:
     return inner + [N] * (MAX_SLOTS - 1 - len(inner))
 
 
+def _count_slot_tiles(slot_bounds: Sequence[int], block_n: int) -> int:
+    # Host twin of the kernels' _num_slot_tiles: each slot is tiled on its own.
+    starts = [0, *slot_bounds[:-1]]
+    return sum(triton.cdiv(hi - lo, block_n) for lo, hi in zip(starts, slot_bounds))
+
+
+_INT32_REACH = 2**31
+
+
+def _addressable(t: torch.Tensor, wide_dims: tuple[int, ...] = (0,)) -> torch.Tensor:
+    """``t`` itself, or a contiguous copy when the kernels' int32 offsets could overflow.
+
+    The kernels take any strides (transposed, sliced, stride 0) and compute the offset
+    along ``wide_dims`` in int64, the others in int32 to keep the GEMM loops' address
+    arithmetic 32-bit.  Only a layout whose int32 part reaches 2^31 elements (e.g. a
+    transposed x of more than 2^31 elements) is copied; contiguous tensors never are.
+    """
+    reach = sum((n - 1) * st for d, (n, st) in enumerate(zip(t.shape, t.stride())) if d not in wide_dims)
+    return t if reach < _INT32_REACH else t.contiguous()
+
+
+def _launch_args(x, weight, lora_a, lora_b, seed):
+    # Any layout the ops accept; the seed is read as int64 by the kernels.
+    return (
+        _addressable(x), _addressable(weight), _addressable(lora_a, ()), _addressable(lora_b, ()),
+        seed.reshape(()).to(torch.int64),
+    )
+
+
 def _triton_forward(x, weight, bias, lora_a, lora_b, seed, slot_bounds, adapted, scale, p):
     M, K = x.shape
     N = weight.shape[0]
     S, R = len(slot_bounds), lora_b.shape[1]
     srp = sr_pad(S, R)
     has_dropout = p > 0.0
+    x, weight, lora_a, lora_b, seed = _launch_args(x, weight, lora_a, lora_b, seed)
+    # The bias is read with unit stride; it is N values, so a copy costs nothing.
+    bias = bias.contiguous() if bias is not None else None
     h = torch.empty(M, S * R, device=x.device, dtype=torch.float32)
     cfg = tile_config("shrink", x.dtype, srp)
     _lora_shrink_kernel[(triton.cdiv(M, cfg.block_m),)](
@@ -412,7 +477,7 @@ def _triton_forward(x, weight, bias, lora_a, lora_b, seed, slot_bounds, adapted,
     )
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     cfg = tile_config("forward", x.dtype, srp)
-    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
+    grid = (triton.cdiv(M, cfg.block_m) * _count_slot_tiles(slot_bounds, cfg.block_n),)
     b1, b2 = _bounds(slot_bounds, N)
     _lora_forward_kernel[grid](
         x, weight, bias if bias is not None else x, h, lora_b, y,
@@ -431,6 +496,9 @@ def _triton_backward(dy, x, weight, h, lora_a, lora_b, seed, slot_bounds, adapte
     N = weight.shape[0]
     S, R = len(slot_bounds), lora_b.shape[1]
     srp = sr_pad(S, R)
+    x, weight, lora_a, lora_b, seed = _launch_args(x, weight, lora_a, lora_b, seed)
+    dy = _addressable(dy)
+    h = h.contiguous()  # read with row stride S·R
     cfg = tile_config("backward", x.dtype, srp)
     num_pid_m = triton.cdiv(M, cfg.block_m)
     dx = torch.empty(M, K, device=x.device, dtype=x.dtype)
@@ -513,7 +581,9 @@ def lora_linear_bwd(
 
 @lora_linear_bwd.register_fake
 def _(dy, x, weight, h, lora_a, lora_b, seed, slot_bounds, adapted, scale, dropout_p, use_triton):
-    return torch.empty_like(x), torch.empty_like(lora_a), torch.empty_like(lora_b)
+    # Both backends return fresh contiguous tensors whatever the inputs' strides
+    # (empty_like would copy a transposed x's strides and mislead the compiler).
+    return x.new_empty(x.shape), lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape)
 
 
 def _setup_context(ctx, inputs, output):
@@ -563,15 +633,35 @@ def _use_triton(backend: str | None, device: torch.device) -> bool:
     return True
 
 
-def _check_float(name: str, t: torch.Tensor) -> None:
+def _check_float(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor (fp16, bf16, fp32), got {t.dtype}")
 
 
+def _check_real(name: str, value) -> float:
+    # bool is an int to Python, and a str or tensor would be converted silently (or
+    # synchronise the device): take plain real numbers only.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a Python float, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def _check_sizes(slot_sizes) -> list[int]:
+    if isinstance(slot_sizes, (str, bytes, torch.Tensor)) or not isinstance(slot_sizes, Sequence):
+        raise TypeError(f"slot_sizes must be a list of ints, got {type(slot_sizes).__name__}")
+    for n in slot_sizes:
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+            raise TypeError(f"slot_sizes must be a list of ints, got {list(slot_sizes)!r}")
+    return [int(n) for n in slot_sizes]
+
+
 def _validate(x, weight, bias, lora_a, lora_b, slot_sizes, scale, dropout_p):
     for name, t in (("x", x), ("weight", weight)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         _check_float(name, t)
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
@@ -584,6 +674,9 @@ def _validate(x, weight, bias, lora_a, lora_b, slot_sizes, scale, dropout_p):
         _check_float("bias", bias)
         if bias.shape != (N,):
             raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
+    for name, adapters in (("lora_a", lora_a), ("lora_b", lora_b)):
+        if isinstance(adapters, torch.Tensor) or not isinstance(adapters, Sequence):
+            raise TypeError(f"{name} must be a list with one tensor (or None) per slot, got {type(adapters).__name__}")
     if len(lora_a) != len(lora_b):
         raise ValueError(f"lora_a and lora_b need one entry per slot; got {len(lora_a)} and {len(lora_b)}")
     S = len(lora_a)
@@ -593,7 +686,7 @@ def _validate(x, weight, bias, lora_a, lora_b, slot_sizes, scale, dropout_p):
         if N % S:
             raise ValueError(f"N={N} does not split into {S} equal slots; pass slot_sizes")
         slot_sizes = [N // S] * S
-    slot_sizes = [int(n) for n in slot_sizes]
+    slot_sizes = _check_sizes(slot_sizes)
     if len(slot_sizes) != S or any(n <= 0 for n in slot_sizes) or sum(slot_sizes) != N:
         raise ValueError(f"slot_sizes {slot_sizes} must be {S} positive sizes adding up to N={N}")
     ranks = set()
@@ -616,15 +709,15 @@ def _validate(x, weight, bias, lora_a, lora_b, slot_sizes, scale, dropout_p):
     R = ranks.pop()
     if not 1 <= R <= MAX_RANK:
         raise ValueError(f"rank must be in 1..{MAX_RANK}, got {R}")
-    if not 0.0 <= float(dropout_p) < 1.0:
+    dropout_p = _check_real("dropout_p", dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a Python float, got {type(scale).__name__}")
+    scale = _check_real("scale", scale)
     tensors = [x, weight, bias, *lora_a, *lora_b]
     devices = {t.device for t in tensors if t is not None}
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
-    return slot_sizes, R
+    return slot_sizes, R, scale, dropout_p
 
 
 def lora_linear(
@@ -654,18 +747,21 @@ def lora_linear(
         slot_sizes: the column count of each slot; defaults to an equal split of N.
         dropout_p: LoRA dropout on the adapter input, in [0, 1); realised in steps of
             1/1024 (0.25 exactly), with kept inputs scaled by 1 / P(keep).
-        seed: dropout seed (int or int64 tensor); required when ``dropout_p > 0``.
-            :func:`~lora_kernels.dropout_mask` regenerates the mask it implies.
+        seed: dropout seed: any integer in the int64 range, a Python int or an integer
+            tensor of one element (kept on the device); required when ``dropout_p > 0``.
+            :func:`~lora_kernels.dropout_mask` regenerates the mask it implies; the
+            mapping from seed to mask is in :mod:`lora_kernels.dropout`.
         backend: "auto" (Triton on CUDA, PyTorch on CPU), "triton" or "torch".  The
             ``CLIP_LORA_BACKEND`` environment variable sets the default.
     """
-    slot_sizes, R = _validate(x, weight, bias, lora_a, lora_b, slot_sizes, scale, dropout_p)
+    slot_sizes, R, scale, dropout_p = _validate(x, weight, bias, lora_a, lora_b, slot_sizes, scale, dropout_p)
+    if seed is not None:
+        seed = check_seed(seed)
     if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
         raise ValueError(
             "weight and bias must be frozen (requires_grad=False): the fused kernel computes no "
             "gradient for them; call weight.requires_grad_(False)"
         )
-    dropout_p = float(dropout_p)
     if dropout_p > 0.0 and seed is None:
         raise ValueError("seed is required when dropout_p > 0: pass an int or lora_kernels.draw_seed(device)")
     device = x.device
@@ -686,19 +782,22 @@ def lora_linear(
     if dropout_p == 0.0:
         seed = _unused_seed(device)
     elif isinstance(seed, torch.Tensor):
-        seed = seed.to(device=device, dtype=torch.int64).reshape(())
+        seed = seed.to(device=device)
     else:
-        seed = torch.tensor(int(seed) % SEED_MAX, device=device, dtype=torch.int64)
+        seed = torch.tensor(seed, device=device, dtype=torch.int64)
 
     K = weight.shape[1]
     # The one place where a non-contiguous or 3-D input may be copied: the kernels take
     # explicit strides, but x must be viewable as [M, K].
     x2 = x.reshape(-1, K)
     adapted = sum(1 << s for s, a in enumerate(lora_a) if a is not None)
-    a_cat = torch.cat([a if a is not None else x2.new_zeros(R, K, dtype=_param_dtype(lora_a)) for a in lora_a])
-    b_cat = torch.cat(
-        [b if b is not None else x2.new_zeros(n, R, dtype=_param_dtype(lora_b)) for b, n in zip(lora_b, slot_sizes)]
-    )
+    # Packing the adapters is no compute: autocast must not re-type it (fp16 masters
+    # under bf16 autocast crash its cat); the kernels cast A and B themselves.
+    with torch.autocast(device.type, enabled=False):
+        a_cat = torch.cat([a if a is not None else x2.new_zeros(R, K, dtype=_param_dtype(lora_a)) for a in lora_a])
+        b_cat = torch.cat(
+            [b if b is not None else x2.new_zeros(n, R, dtype=_param_dtype(lora_b)) for b, n in zip(lora_b, slot_sizes)]
+        )
     bounds = list(itertools.accumulate(slot_sizes))
     y, _h = lora_linear_fwd(x2, weight, bias, a_cat, b_cat, seed, bounds, adapted, float(scale), dropout_p, use_triton)
     return y.reshape(*x.shape[:-1], weight.shape[0])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from kernel_cases import make_case, rel_err, run_reference
@@ -67,6 +68,22 @@ def test_valid_call_runs():
         (dict(weight=torch.randn(12, 8, requires_grad=True)), ValueError, "must be frozen"),
         (dict(backend="cuda"), ValueError, "backend must be"),
         (dict(scale="0.5"), TypeError, "scale must be"),
+        # Once accepted (and truncated, or read as a number) or failing far from the cause:
+        (dict(scale=True), TypeError, "scale must be"),
+        (dict(scale=float("nan")), ValueError, "scale must be finite"),
+        (dict(lora_a=[np.ones((2, 8), np.float32), None, torch.randn(2, 8)]), TypeError, r"lora_a\[0\] must be"),
+        (dict(lora_b=torch.randn(12, 2)), TypeError, "lora_b must be a list"),
+        (dict(seed=torch.tensor([1, 2])), ValueError, "seed tensor must hold exactly one value"),
+        (dict(seed=2.0), TypeError, "seed must be an int"),
+        (dict(seed=torch.tensor(2.0)), TypeError, "seed tensor must have an integer dtype"),
+        (dict(seed=torch.tensor(True)), TypeError, "seed tensor must have an integer dtype"),
+        (dict(seed=True), TypeError, "seed must be an int"),
+        (dict(seed=2**63), ValueError, "seed must fit in int64"),
+        (dict(slot_sizes=[2.7, 2.2, 2.1]), TypeError, "slot_sizes must be a list of ints"),
+        (dict(slot_sizes=[4, 4, True]), TypeError, "slot_sizes must be a list of ints"),
+        (dict(dropout_p="0.25"), TypeError, "dropout_p must be"),
+        (dict(dropout_p=torch.tensor(0.25)), TypeError, "dropout_p must be"),
+        (dict(bias=[0.0] * 12), TypeError, "bias must be a torch.Tensor"),
     ],
 )
 def test_bad_input_gets_a_clear_error(over, error, match):
