@@ -126,7 +126,11 @@ def test_gate_needs_the_real_shape_tests_on_a_gpu(tmp_path):
 
     failed = gs.junit_counts(_junit(tmp_path, [("test_a", "failure"), ("test_cuda_real_shapes[x]", None)]))
     assert "1 failed" in gs.gate_verdict(gs.Run(rc=1, timed_out=False, seconds=50), failed, cuda=True)
-    assert "time limit" in gs.gate_verdict(gs.Run(rc=2, timed_out=True, seconds=120), passed, cuda=True)
+    # Cut off at the limit: on only when the real-shape tests (run first) all passed.
+    cut = gs.Run(rc=2, timed_out=True, seconds=120)
+    assert gs.gate_verdict(cut, passed, cuda=True) is None
+    assert "real-shape" in gs.gate_verdict(cut, gs.junit_counts(_junit(tmp_path, [("test_a", None)])), cuda=True)
+    assert "time limit" in gs.gate_verdict(cut, gs.junit_counts(_junit(tmp_path, [])), cuda=True)
 
 
 def test_a_stage_cut_off_at_its_limit_keeps_what_it_measured(tmp_path):
