@@ -27,7 +27,7 @@ tests=(tests/test_kernels.py tests/test_dropout.py tests/test_api.py tests/test_
 if [[ ! -x $venv/bin/python ]]; then
   echo "== creating $venv (torch 2.11.0, triton 3.6.0: several GB the first time)"
   "$py312" -m venv "$venv"
-  "$venv/bin/pip" install -q "torch==2.11.0" "triton==3.6.0" "$gpu_numpy" pytest pytest-benchmark pytest-xdist \
+  "$venv/bin/python" -m pip install -q "torch==2.11.0" "triton==3.6.0" "$gpu_numpy" pytest pytest-benchmark pytest-xdist \
     hypothesis safetensors timm tqdm matplotlib regex pillow
 fi
 py=$venv/bin/python
@@ -36,11 +36,11 @@ export PYTHONPATH=$PWD
   f'{torch.__version__} / {triton.__version__}: not the GPU machine pair'"
 
 echo "== 1. numpy<2.4: AOT builds and kernel tests must all pass"
-"$venv/bin/pip" install -q "numpy<2.4"
+"$venv/bin/python" -m pip install -q "numpy<2.4"
 "$py" -m pytest -q -p no:cacheprovider -o addopts= -m "not slow" "${tests[@]}" -rs
 
 echo "== 2. $gpu_numpy (the GPU machine's): interpreter tests skip naming the fix, none fails"
-"$venv/bin/pip" install -q "$gpu_numpy"
+"$venv/bin/python" -m pip install -q "$gpu_numpy"
 log=$(mktemp)
 "$py" -m pytest -q -p no:cacheprovider -o addopts= -m "not slow" tests/test_kernels.py tests/test_dropout.py -rs | tee "$log"
 grep -q 'pip install "numpy<2.4"' "$log" || { echo "expected interpreter tests skipped with the numpy fix"; exit 1; }

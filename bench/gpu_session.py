@@ -139,6 +139,7 @@ EST_LAYER_S = 1.5
 EST_COMPILE_S = 25.0
 EST_STEP_S = 9.0
 EST_TEST_S = 1.5
+GPU_WORKERS = 8  # pytest-xdist workers on the GPU machine (16 cores)
 
 
 def _fn(item: dict) -> str:
@@ -273,6 +274,8 @@ def assign(items: list[dict]) -> tuple[dict[str, list[str]], list[str]]:
 
 def estimate_s(stage: Stage, items: list[dict], workers: int) -> float:
     """Expected device time of a stage from its item count (see the EST_* constants)."""
+    if not items:
+        return 0.0
     if stage.key == "1":
         return EST_START_S + EST_TEST_S * len(items) / max(1, workers) + 2 * EST_COMPILE_S
     layer = [it for it in items if _fn(it) != "test_step"]
@@ -588,7 +591,7 @@ class Session:
             return 0
         if self.args.workers is not None:
             return self.args.workers
-        return 2 if self.dry else min(8, max(1, (os.cpu_count() or 2) // 2))
+        return 2 if self.dry else min(GPU_WORKERS, max(1, (os.cpu_count() or 2) // 2))
 
     # --- stage 0: context, collection, plan ------------------------------------
     def setup(self, stages: list[Stage]) -> list[tuple[Stage, list[str], float]] | None:
@@ -647,7 +650,9 @@ class Session:
         plan = []
         for stage in stages:
             ids = assigned[stage.key]
-            plan.append((stage, ids, estimate_s(stage, [by_id[i] for i in ids], self.n_workers)))
+            # A dry run prints the GPU machine's expectation (16 cores: 8 workers), not the CPU's.
+            workers = GPU_WORKERS if self.dry else self.n_workers
+            plan.append((stage, ids, estimate_s(stage, [by_id[i] for i in ids], workers)))
             (d / f"stage{stage.key}.ids").write_text("".join(f"{i}\n" for i in ids))
         self.summary["plan"] = [
             {
@@ -661,8 +666,8 @@ class Session:
             for s, ids, e in plan
         ]
         print(
-            f"\nplan: expected device time per stage on the GPU (estimates until a run measures them), "
-            f"{self.n_workers} xdist workers"
+            f"\nplan: expected device time per stage on the GPU (estimates until a run measures them; "
+            f"{self.n_workers} xdist workers here)"
         )
         for stage, ids, est in plan:
             print(

@@ -48,6 +48,6 @@ if [[ $dry == 1 ]] || ! "$PY" -c "import open_clip" 2>/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$site" .whl/*.whl || exit 2
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 "$PY" -m bench.gpu_session run --out "$out" "$@" 2>&1 | tee "$out/session.log"
 exit "${PIPESTATUS[0]}"

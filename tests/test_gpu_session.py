@@ -83,7 +83,7 @@ def test_headline_stages_fit_their_limits_and_the_budget(collected):
     total = 0.0
     for stage in gs.parse_stages("1,2,3"):
         items = tests if stage.key == "1" else [by_id[i] for i in assigned[stage.key]]
-        est = gs.estimate_s(stage, items, workers=8)
+        est = gs.estimate_s(stage, items, workers=gs.GPU_WORKERS)
         assert est <= stage.cap_s, f"stage {stage.key}: ~{est:.0f} s expected, limit {stage.cap_s} s"
         total += est
     assert [s.cap_s for s in gs.parse_stages("1,2,3")] == [120, 180, 180]
