@@ -9,11 +9,14 @@
 # Launch on the offline GPU machine (the device tool's `run`; ../shared/gpu/README.md):
 #   once, here:  bash ../shared/gpu/wheels.sh   (open_clip wheels into .whl/, git-ignored;
 #                in a git worktree run its `pip download` line by hand: it writes .git/info/exclude)
-#   what ships:  the working tree (commit first: bench/results/ records the source fingerprint)
-#                plus carry [".whl"]; nothing is fetched there, the machine's own torch/triton run
-#   timeout_s:   600 (the session's own budget is 540 s, so its limits fire first)
-#   command:     bash bench/gpu_session.sh
-#   (later call, for the parts a first run had no time for:  bash bench/gpu_session.sh --stages 4b,4c,4d,4e)
+#   the call:    run(command="bash bench/gpu_session.sh", carry=[".whl"], timeout_s=600)
+#   what ships:  the working tree of the session's checkout (commit first: the results record a
+#                source fingerprint) plus .whl/; nothing is fetched there, its own torch/triton run
+#   time:        the session's budget is 540 s, so its own limits fire before timeout_s; with the
+#                machine's start that is about 11 of the 15 device minutes.  If stage 1 fails it
+#                stops within ~2 minutes, which leaves time to fix the kernel here and rerun.
+#   later call, for the parts a first run had no time for:
+#                run(command="bash bench/gpu_session.sh --stages 4b,4c,4d,4e", carry=[".whl"], timeout_s=600)
 # The script installs open_clip from .whl/ itself (pip --no-index --target) when python3
 # cannot import it.  What comes back (at most 8 files): session.json (GPU, versions, date,
 # plan, each stage's status and time, the headline ratios), session.log, stage0-setup,

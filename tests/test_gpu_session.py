@@ -222,5 +222,5 @@ def test_source_fingerprint_follows_the_sources(tmp_path):
 def test_launch_script_is_valid_bash_and_states_the_launch():
     script = (REPO / "bench" / "gpu_session.sh").read_text()
     assert subprocess.run(["bash", "-n", str(REPO / "bench" / "gpu_session.sh")]).returncode == 0
-    for needed in ('carry [".whl"]', "timeout_s:", "bench.gpu_session unpack", "--dry-run"):
+    for needed in ('carry=[".whl"]', "timeout_s=600", "bench.gpu_session unpack", "--dry-run"):
         assert needed in script, needed
