@@ -713,12 +713,15 @@ class Session:
                 self.save()
                 continue
             print(f"\n=== stage {stage.key} {stage.name}: {stage.what} (limit {timeout:.0f} s, expected ~{est:.0f} s)")
-            if stage.key == "1":
-                result = self.run_tests(stage, timeout)
-            elif not ids:
-                result = StageResult(stage.key, stage.name, "skipped", note="no benchmark selected")
-            else:
-                result = self.run_bench(stage, ids, timeout)
+            try:
+                if stage.key == "1":
+                    result = self.run_tests(stage, timeout)
+                elif not ids:
+                    result = StageResult(stage.key, stage.name, "skipped", note="no benchmark selected")
+                else:
+                    result = self.run_bench(stage, ids, timeout)
+            except Exception as err:  # a broken stage must not lose the bundles of the others
+                result = StageResult(stage.key, stage.name, "error", note=f"{type(err).__name__}: {err}")
             result.estimate_s, result.timeout_s = round(est), round(timeout)
             self.results.append(result)
             print(f"=== stage {stage.key} {stage.name}: {result.status} in {result.seconds:.0f} s; {result.note}")
@@ -789,13 +792,17 @@ class Session:
         status = "timeout" if run.timed_out else ("passed" if run.rc == 0 else "failed")
         note += f"{recorded} of {len(ids)} benchmarks recorded"
         if recorded:
-            subprocess.run(
-                [self.py, "-m", "bench.report", str(json_path), "--out", str(d / "report")],
-                cwd=REPO,
-                env=self.env,
-                capture_output=True,
-                timeout=120,
-            )
+            # The report is a convenience (unpack writes the full one): it must not cost the next stage.
+            try:
+                subprocess.run(
+                    [self.py, "-m", "bench.report", str(json_path), "--out", str(d / "report")],
+                    cwd=REPO,
+                    env=self.env,
+                    capture_output=True,
+                    timeout=max(5.0, min(120.0, self.left() - self.args.reserve)),
+                )
+            except subprocess.TimeoutExpired:
+                note += "; stage report skipped (time)"
         return StageResult(
             stage.key,
             stage.name,
