@@ -134,15 +134,19 @@ def test_gate_needs_the_real_shape_tests_on_a_gpu(tmp_path):
 
 
 def test_a_stage_cut_off_at_its_limit_keeps_what_it_measured(tmp_path):
-    """SIGINT at the limit: pytest-benchmark still writes the benchmarks that finished."""
+    """SIGINT at the limit: the benchmarks that finished are saved, the cut-off one is not.
+
+    (Without the session plugin pytest-benchmark fails on the empty cut-off benchmark and
+    saves nothing.)  Three short benchmarks, then one that outlives the limit; the limit
+    leaves room for a slow pytest start on a busy machine."""
     (tmp_path / "test_slow.py").write_text(
         textwrap.dedent(
             """
             import time, pytest
 
-            @pytest.mark.parametrize("i", range(6))
-            def test_sleep(benchmark, i):
-                benchmark.pedantic(time.sleep, args=(0.6,), rounds=1, iterations=1)
+            @pytest.mark.parametrize("seconds", [0.2, 0.2, 0.2, 600])
+            def test_sleep(benchmark, seconds):
+                benchmark.pedantic(time.sleep, args=(seconds,), rounds=1, iterations=1)
             """
         )
     )
@@ -150,10 +154,9 @@ def test_a_stage_cut_off_at_its_limit_keeps_what_it_measured(tmp_path):
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path / "test_slow.py")]
     cmd += ["--benchmark-only", f"--benchmark-json={out}", "-p", "bench.gpu_session", "--rootdir", str(tmp_path)]
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    run = gs.run_limited(cmd, log=tmp_path / "log", timeout=4.0, env=env, grace=20, echo=False)
-    assert run.timed_out and run.seconds < 20
-    recorded = gs.benchmark_count(out)
-    assert 1 <= recorded < 6, (recorded, (tmp_path / "log").read_text()[-2000:])
+    run = gs.run_limited(cmd, log=tmp_path / "log", timeout=30.0, env=env, grace=20, echo=False)
+    assert run.timed_out and run.seconds < 60
+    assert gs.benchmark_count(out) == 3, (tmp_path / "log").read_text()[-2000:]
 
 
 def _bench_json(path: Path, rows: list[tuple[str, str, float, float | None]]) -> Path:
