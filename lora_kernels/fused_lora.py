@@ -55,6 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._compat import check_interpreter_versions
 from ._interpreter import patch_bf16_dot
 from .dropout import (
     MAX_MASK_SLOTS,
@@ -629,6 +630,7 @@ def _use_triton(backend: str | None, device: torch.device) -> bool:
                 f"backend='triton' needs CUDA tensors, got {device.type}; "
                 "set TRITON_INTERPRET=1 to run the kernels on CPU through the interpreter"
             )
+        check_interpreter_versions()
         patch_bf16_dot()
     return True
 
