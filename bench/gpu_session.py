@@ -127,7 +127,13 @@ HEADLINE_SHAPES = ("vitb16-vision-qkv", "vitb16-vision-out")
 HEADLINE_DATASETS = ("EuroSAT", "DTD", "ImageNet")
 HEADLINE_STEP_PROVIDERS = ("fused", "plain", "frozen")
 LAYER_FUNCTIONS = ("test_layer", "test_layer_no_dropout")
-TEST_FILES = ("tests/test_kernels.py", "tests/test_dropout.py", "tests/test_api.py")
+TEST_FILES = (
+    "tests/test_kernels.py",
+    "tests/test_dropout.py",
+    "tests/test_api.py",
+    "tests/test_kernel_edge_cases.py",
+    "tests/test_kernel_properties.py",
+)
 
 # Expected device time before any GPU run measured it (H100; revise from session.json):
 # a process start (torch, open_clip, CUDA context), one layer benchmark (fp64 check,

@@ -126,6 +126,12 @@ def compiled_plain() -> Callable:
         for name in ("recompile_limit", "cache_size_limit"):  # renamed across torch releases
             if hasattr(torch._dynamo.config, name):
                 setattr(torch._dynamo.config, name, 128)
+        # The backward benchmarks replay one graph with retain_graph=True, which AOTAutograd
+        # refuses when it donates the saved activations' buffers to the backward.
+        import torch._functorch.config
+
+        if hasattr(torch._functorch.config, "donated_buffer"):
+            torch._functorch.config.donated_buffer = False
         _compiled_plain = torch.compile(lora_kernels.plain_lora_linear, dynamic=False)
     return _compiled_plain
 
