@@ -19,7 +19,7 @@ setup(
         "pillow",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "ruff"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "ruff", "transformers>=4.40"],  # HF text towers
         "bench": ["pytest-benchmark>=4", "matplotlib"],
     },
     entry_points={"console_scripts": ["clip-lora = clip_lora.cli:main"]},

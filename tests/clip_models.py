@@ -55,16 +55,21 @@ TIMM_SMALL = {
     "swin": {"depths": (1, 1), "num_heads": (2, 4), "embed_dim": 32, "img_size": 56, "window_size": 7},
 }
 SMALL_TEXT = {"width": 64, "heads": 4, "layers": 2}
-# Tiny Hugging Face configs of the architecture each HF-text model names (no hub access).
+# Tiny Hugging Face configs of the architecture each HF-text model names (no hub access);
+# dropout off so that train-mode passes of two copies are comparable.
 HF_SMALL = {
     "roberta": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
-                "vocab_size": 100, "max_position_embeddings": 40},
+                "vocab_size": 100, "max_position_embeddings": 40, "hidden_dropout_prob": 0.0,
+                "attention_probs_dropout_prob": 0.0},
     "xlm-roberta": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
-                    "vocab_size": 100, "max_position_embeddings": 40},
-    "mt5": {"d_model": 32, "d_kv": 8, "num_heads": 4, "num_layers": 2, "d_ff": 64, "vocab_size": 100},
+                    "vocab_size": 100, "max_position_embeddings": 40, "hidden_dropout_prob": 0.0,
+                    "attention_probs_dropout_prob": 0.0},
+    "mt5": {"d_model": 32, "d_kv": 8, "num_heads": 4, "num_layers": 2, "d_ff": 64, "vocab_size": 100,
+            "dropout_rate": 0.0},
     "m2m_100": {"d_model": 32, "encoder_layers": 2, "decoder_layers": 1, "encoder_attention_heads": 4,
                 "decoder_attention_heads": 4, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64, "vocab_size": 100,
-                "max_position_embeddings": 40},
+                "max_position_embeddings": 40, "dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0,
+                "layerdrop": 0.0},  # no random layer skipping: fused and plain must see the same graph
 }
 
 

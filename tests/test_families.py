@@ -1,0 +1,187 @@
+"""Every tower family at random init and reduced size: a fresh adapter changes nothing,
+fused equals plain LoRA (features and LoRA gradients), merge/unmerge restores the weights
+bit for bit, the adapter file round-trips, and the trainable count matches a hand count."""
+
+import copy
+
+import pytest
+import torch
+from clip_models import randomize_adapters, small_model, tiny_tokens
+
+from clip_lora import (
+    LoRAConfig,
+    count_trainable,
+    load_adapter,
+    lora_parameters,
+    lora_state_dict,
+    merge,
+    patch_fused,
+    patch_reference,
+    save_adapter,
+    unmerge,
+    unpatch,
+)
+from clip_lora.families import discover
+from clip_lora.linear import LoRALinear
+
+SMALL_VIT = {"vision_cfg": {"layers": 2, "width": 64, "head_width": 16, "patch_size": 16, "image_size": 32}}
+SMALL_RESNET = {"vision_cfg": {"layers": [1, 1, 1, 1], "width": 8, "head_width": 16, "image_size": 32}}
+
+# id: (open_clip name, timm shrink, config overrides, image size, vision family, text family)
+CASES = {
+    "siglip2": ("ViT-B-16-SigLIP2", "vit", {}, 32, "timm/VisionTransformer", "open_clip"),
+    "pe-core": ("PE-Core-T-16-384", "eva", {}, 32, "timm/Eva", "open_clip"),
+    "eva02": ("EVA02-B-16", "eva", {}, 32, "timm/Eva", "open_clip"),
+    "eva-qkv-bias": ("EVA02-E-14", "eva", {}, 32, "timm/Eva", "open_clip"),
+    "mobileclip2-b": ("MobileCLIP2-B", "hybrid", {}, 32, "timm/VisionTransformer", "open_clip"),
+    "swin": ("swin_base_patch4_window7_224", "swin", {}, 56, "timm/SwinTransformer", "open_clip"),
+    "resnet": ("RN50", None, SMALL_RESNET, 32, "resnet", "open_clip"),
+    "hf-roberta": ("roberta-ViT-B-32", None, SMALL_VIT, 32, "open_clip", "hf/roberta"),
+    "hf-mt5": ("mt5-base-ViT-B-32", None, SMALL_VIT, 32, "open_clip", "hf/mt5"),
+    "hf-nllb": ("nllb-clip-base-siglip", "vit", {}, 32, "timm/VisionTransformer", "hf/m2m_100"),
+}
+
+
+def _build(case):
+    name, timm_family, overrides, size, *_ = CASES[case]
+    if CASES[case][5].startswith("hf/"):
+        pytest.importorskip("transformers", reason="HF text towers need the test extra's transformers")
+    model = small_model(name, timm_family, **overrides)
+    vocab = min(int(getattr(model, "vocab_size", 0) or getattr(model.text, "vocab_size", 100)), 100)
+    # open_clip text towers take exactly their context length; the tiny HF configs have 40 positions.
+    context = 16 if CASES[case][5].startswith("hf/") else int(getattr(model, "context_length", 0) or model.text.context_length)
+    tokens = tiny_tokens(n=3, context=context, vocab=vocab)
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    return model, images, tokens
+
+
+def _features(model, images, tokens):
+    return model.encode_image(images), model.encode_text(tokens)
+
+
+# Same attention classes as siglip2 / eva02, slower to build (a conv stem, windowing): -m slow.
+SLOW = {"mobileclip2-b", "swin"}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW else c for c in CASES])
+def test_family(case, tmp_path):
+    model, images, tokens = _build(case)
+    assert discover(model, "vision").family == CASES[case][4]
+    assert discover(model, "text").family == CASES[case][5]
+    base = _features(model, images, tokens)
+    original_keys = set(model.state_dict())
+    cfg = LoRAConfig(params=("q", "k", "v", "o"), dropout=0.0, pooling_head=True)
+
+    # A fresh adapter (B = 0) changes nothing.  Equal up to fp32 rounding, not bit for bit:
+    # the fused kernel's CPU path adds the bias after the GEMM, F.linear fuses it (addmm).
+    fused = patch_fused(copy.deepcopy(model), cfg)
+    assert original_keys <= set(fused.state_dict())  # the original keys are unchanged
+    for a, b in zip(_features(fused, images, tokens), base, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+    # Fused equals plain LoRA, features and LoRA gradients, with adapters that act.
+    randomize_adapters(fused, std=0.2)
+    plain = patch_reference(copy.deepcopy(model), cfg)
+    plain.load_state_dict(fused.state_dict())
+    out_f, out_p = _features(fused, images, tokens), _features(plain, images, tokens)
+    for a, b, c in zip(out_f, out_p, base, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)  # fp32: the same math, summed in another order
+        assert (a - c).abs().max() > 1e-3
+    # LoRA gradients against an fp64 copy of the plain model: the fused error is at most
+    # twice plain PyTorch's own fp32 error (plus 1e-6 of the gradient, for exact matches).
+    reference = patch_reference(copy.deepcopy(model), cfg).double()
+    reference.load_state_dict(fused.state_dict())
+    grads = []
+    for m, dtype in ((fused, torch.float32), (plain, torch.float32), (reference, torch.float64)):
+        m.train()
+        loss = m.encode_image(images.to(dtype)).square().sum() + m.encode_text(tokens).square().sum()
+        loss.backward()
+        grads.append([p.grad.double() for p in lora_parameters(m)])
+    for gf, gp, gr in zip(*grads, strict=True):
+        assert (gf - gr).norm() <= 2 * (gp - gr).norm() + 1e-6 * gr.norm()
+    assert sum(bool(g.abs().max() > 0) for g in grads[0]) >= len(grads[0]) // 2
+    fused.eval()
+    out_f = _features(fused, images, tokens)  # after train mode moved BatchNorm statistics
+
+    # merge then unmerge restores every frozen weight bit for bit; merged computes the same.
+    sd_before = {k: v.clone() for k, v in fused.state_dict().items()}  # (train mode moved BN statistics)
+    merge(fused)
+    merged_out = _features(fused, images, tokens)
+    unmerge(fused)
+    for k, v in sd_before.items():
+        assert torch.equal(fused.state_dict()[k], v), k
+    for a, b in zip(merged_out, out_f, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)  # W + sBA rounded to fp32 once
+
+    # The adapter round-trips into a fresh copy of the unpatched model.
+    save_adapter(fused, tmp_path / "a.safetensors")
+    loaded = load_adapter(copy.deepcopy(model), tmp_path / "a.safetensors")
+    ours, theirs = lora_state_dict(fused), lora_state_dict(loaded)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    # The BatchNorm statistics that train mode moved in `fused` (the adapters come from the file).
+    loaded.load_state_dict({k: v for k, v in fused.state_dict().items() if ".lora_" not in k}, strict=False)
+    for a, b in zip(_features(loaded.eval(), images, tokens), out_f, strict=True):
+        assert torch.equal(a, b)
+
+    # unpatch gives back the original modules and the unpatched features.
+    unpatch(fused)
+    assert not any(isinstance(m, LoRALinear) for m in fused.modules())
+    assert set(fused.state_dict()) == original_keys
+    model.eval()
+
+
+def _hand_count(case, model, r=2):
+    """Trainable elements for params=("q", "v"), r=2, both towers, all blocks, worked out
+    from the projection shapes of each family (A [r, in] + B [out_slot, r] per slot)."""
+    per = r * 2  # A and B of a square d x d projection slot: r*d + d*r
+    if case == "siglip2":  # timm qkv [3*64, 64]: q and v slots; open_clip text width 64
+        return 2 * (2 * per * 64) + 2 * (2 * per * 64)
+    if case == "resnet":  # one attention pool, width 8*32 = 256
+        return 2 * per * 256 + 2 * (2 * per * 64)
+    if case == "hf-roberta":  # query/value 32 x 32 in 2 layers; open_clip ViT width 64
+        return 2 * (2 * per * 32) + 2 * (2 * per * 64)
+    raise KeyError(case)
+
+
+@pytest.mark.parametrize("case", ["siglip2", "resnet", "hf-roberta"])
+def test_trainable_count_by_hand(case):
+    model, _, _ = _build(case)
+    patch_fused(model, LoRAConfig(params=("q", "v")))
+    assert count_trainable(model) == _hand_count(case, model)
+
+
+def test_pooling_head_is_opt_in():
+    model, _, _ = _build("siglip2")
+    off = patch_fused(copy.deepcopy(model), LoRAConfig())
+    on = patch_fused(copy.deepcopy(model), LoRAConfig(pooling_head=True))
+    assert not any(isinstance(m, LoRALinear) for m in off.visual.trunk.attn_pool.modules())
+    pool = on.visual.trunk.attn_pool
+    assert isinstance(pool.q, LoRALinear) and pool.kv.slots == ("k", "v") and not isinstance(pool.proj, LoRALinear)
+    # q: A [2, 64] + B [64, 2]; kv: k and v slots of 64 rows each
+    assert count_trainable(on) - count_trainable(off) == 3 * (2 * 64 + 64 * 2)
+
+
+def test_position_scales_with_tower_depth():
+    model, _, _ = _build("pe-core")
+    patched = patch_fused(model, LoRAConfig(encoder="vision", position="top1", params=("o",)))
+    blocks = patched.visual.trunk.blocks
+    assert isinstance(blocks[1].attn.proj, LoRALinear) and not isinstance(blocks[0].attn.proj, LoRALinear)
+    assert not isinstance(blocks[1].attn.qkv, LoRALinear)
+
+
+@pytest.mark.parametrize(
+    ("name", "what"),
+    [("convnext_tiny", "no attention layers"), ("MobileCLIP2-S0", "fastvit")],
+)
+def test_convolutional_towers_are_refused_but_text_adapts(name, what):
+    from clip_models import offline_builders
+
+    import open_clip
+
+    with torch.device("meta"), offline_builders():
+        model = open_clip.create_model(name, pretrained=None, device="meta")
+    with pytest.raises(ValueError, match=f"(?i){what}.*encoder='text'"):
+        patch_fused(model, LoRAConfig())
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())  # refused: left as it was
+    patch_fused(model, LoRAConfig(encoder="text"))
+    assert count_trainable(model) > 0
