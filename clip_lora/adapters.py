@@ -9,13 +9,16 @@ metadata under ``"clip_lora"``, a JSON document::
      "signature": {"text": {"width": 512, "layers": 12, "heads": 8, "context_length": 77,
                             "vocab_size": 49408},
                    "vision": {"width": 768, "layers": 12, "heads": 12, "image_size": [224, 224],
-                              "patch_size": [16, 16]}}}
+                              "patch_size": [16, 16]}},
+     "families": {"text": "open_clip", "vision": "open_clip"}}
 
 ``signature`` holds each adapted tower's architecture, so that an adapter saved from
 ViT-B-32 is refused by a ViT-B-16 (same tower widths and depths, other patch size) even
 when the model was built by open_clip directly and carries no name.  Files written
 before the signature existed load with the older check (tower depth and width, plus the
-model name where both sides have one).
+model name where both sides have one).  ``families`` names each adaptable tower's family
+(:func:`clip_lora.families.families`); the signature covers open_clip's own transformer
+towers only.
 
 One file keeps the write atomic: it is written to a temporary file in the same
 directory and moved into place with ``os.replace``.  Loading is atomic too: the whole
@@ -56,6 +59,7 @@ import torch.nn as nn
 from .attention import LoRAAttention
 from .config import LoRAConfig, position_blocks
 from .errors import AdapterFileError, ModelMismatchError, reason
+from .families import families
 from .model import MODEL_NAME_ATTR
 from .patch import CONFIG_ATTR, apply_patch, lora_modules, lora_state_dict, plan_patch
 from .towers import find_towers, tower_blocks, tower_shapes
@@ -158,7 +162,7 @@ def _check_model(model: nn.Module, info: Mapping[str, Any], path: Path) -> None:
 
 def _config_differences(file_cfg: LoRAConfig, model_cfg: LoRAConfig) -> list[str]:
     # Dropout only matters while training, so an adapter loads whatever dropout it was trained with.
-    names = ("r", "alpha", "scaling", "encoder", "params", "position")
+    names = ("r", "alpha", "scaling", "encoder", "params", "position", "pooling_head")
     return [
         f"{n}: file has {getattr(file_cfg, n)!r}, model has {getattr(model_cfg, n)!r}"
         for n in names
@@ -254,6 +258,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
         "model_name": getattr(model, MODEL_NAME_ATTR, None),
         "towers": tower_shapes(model),
         "signature": {t: signature[t] for t in config.towers if t in signature},
+        "families": families(model),
     }
     # Created by hand rather than with mkstemp, whose 0600 mode would survive the rename;
     # safetensors recreates the file, so its umask-derived mode is put back after writing.

@@ -51,7 +51,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .linear import LoRALinear
 from .towers import find_towers
+
+# A patched model still has its families: a swapped projection counts as its Linear.
+_LINEAR = (nn.Linear, LoRALinear)
 
 
 @dataclass
@@ -92,18 +96,18 @@ class Tower:
 def _timm_attention_sites(attn: nn.Module) -> tuple[list[Site], list[tuple[nn.Module, str, object]]]:
     """q/k/v/o Linears of a timm attention module that calls them (qkv packed or split)."""
     overrides = []
-    if isinstance(getattr(attn, "qkv", None), nn.Linear):
+    if isinstance(getattr(attn, "qkv", None), _LINEAR):
         sites = [Site(attn, "qkv", ("q", "k", "v"))]
         if getattr(attn, "q_bias", None) is not None:
             # EvaAttention with separate q/v biases (EVA01, EVA02-E) calls F.linear on
             # qkv.weight directly, bypassing the Linear; qkv_bias_separate=True is timm's
             # own equivalent path that calls qkv(x) and adds the biases after it.
             overrides.append((attn, "qkv_bias_separate", True))
-    elif all(isinstance(getattr(attn, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj")):
+    elif all(isinstance(getattr(attn, n, None), _LINEAR) for n in ("q_proj", "k_proj", "v_proj")):
         sites = [Site(attn, "q_proj", ("q",)), Site(attn, "k_proj", ("k",)), Site(attn, "v_proj", ("v",))]
     else:
         raise ValueError(f"{type(attn).__qualname__} has neither a qkv Linear nor q_proj/k_proj/v_proj Linears")
-    if not isinstance(getattr(attn, "proj", None), nn.Linear):
+    if not isinstance(getattr(attn, "proj", None), _LINEAR):
         raise ValueError(f"{type(attn).__qualname__} has no proj Linear")
     return [*sites, Site(attn, "proj", ("o",))], overrides
 
@@ -191,7 +195,7 @@ _O = ("out_proj", "o")
 
 
 def _linear_child(module: nn.Module, names: tuple[str, ...]) -> str | None:
-    return next((n for n in names if isinstance(getattr(module, n, None), nn.Linear)), None)
+    return next((n for n in names if isinstance(getattr(module, n, None), _LINEAR)), None)
 
 
 def _hf_tower(text: nn.Module, prefix: str) -> Tower:
@@ -210,7 +214,7 @@ def _hf_tower(text: nn.Module, prefix: str) -> Tower:
             sites.append(Site(module, o, ("o",)))
         else:
             output = getattr(modules.get(name.rpartition(".")[0]), "output", None)
-            if not isinstance(getattr(output, "dense", None), nn.Linear):
+            if not isinstance(getattr(output, "dense", None), _LINEAR):
                 raise _refuse(f"{prefix}.transformer.{name}", module, "its output projection was not found",
                               "use params without 'o'")
             sites.append(Site(output, "dense", ("o",)))

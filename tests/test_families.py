@@ -185,3 +185,31 @@ def test_convolutional_towers_are_refused_but_text_adapts(name, what):
     assert not any(isinstance(m, LoRALinear) for m in model.modules())  # refused: left as it was
     patch_fused(model, LoRAConfig(encoder="text"))
     assert count_trainable(model) > 0
+
+
+@pytest.mark.parametrize("case", ["siglip2", "hf-roberta"])
+def test_text_trimming_falls_back_where_it_would_not_be_exact(case):
+    """SigLIP's text tower has no causal mask and pools the last token; HF towers are
+    bidirectional: trimming the context would change their features, so it must not run."""
+    from clip_lora.text import _text_tower, encode_text_trimmed
+
+    model, _, tokens = _build(case)
+    assert _text_tower(model) is None
+    assert torch.equal(encode_text_trimmed(model, tokens), model.encode_text(tokens))
+    if case == "siglip2":
+        # Trimming really would differ: the last-token pool moves with the context length.
+        text = model.text
+        short = tokens[:, : int(tokens.argmax(dim=-1).max()) + 1]
+        text.context_length = short.shape[1]
+        x = text.token_embedding(short) + text.positional_embedding[: short.shape[1]]
+        trimmed = text.text_projection(text.ln_final(text.transformer(x))[:, -1])
+        assert not torch.allclose(trimmed, model.encode_text(tokens), atol=1e-4)
+
+
+def test_adapter_metadata_records_the_family(tmp_path):
+    from clip_lora.adapters import read_adapter
+
+    model, _, _ = _build("pe-core")
+    save_adapter(patch_fused(model, LoRAConfig()), tmp_path / "a.safetensors")
+    _, info = read_adapter(tmp_path / "a.safetensors")
+    assert info["families"] == {"text": "open_clip", "vision": "timm/Eva"}
