@@ -187,7 +187,8 @@ def _resnet_tower(visual: nn.Module, prefix: str) -> Tower:
         Site(pool, "c_proj", ("o",)),
     ]
     forward = types.MethodType(_attention_pool2d_forward, pool)
-    return Tower("resnet", [Block(f"{prefix}.attnpool", "linears", sites=sites, overrides=[(pool, "forward", forward)])], [])
+    block = Block(f"{prefix}.attnpool", "linears", sites=sites, overrides=[(pool, "forward", forward)])
+    return Tower("resnet", [block], [])
 
 
 _Q, _K, _V = ("query", "q_proj", "q"), ("key", "k_proj", "k"), ("value", "v_proj", "v")

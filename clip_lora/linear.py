@@ -74,11 +74,12 @@ class LoRALinear(nn.Module):
         self._original = (linear,)
         device = linear.weight.device
         # fp32 master adapters whatever the frozen dtype (DESIGN §3 precision).
+        a_shape, b_shape = (self.r, self.in_features), (self.slot_size, self.r)
         self.lora_A = nn.ParameterDict(
-            {p: nn.Parameter(torch.empty(self.r, self.in_features, device=device, dtype=torch.float32)) for p in self.params}
+            {p: nn.Parameter(torch.empty(a_shape, device=device, dtype=torch.float32)) for p in self.params}
         )
         self.lora_B = nn.ParameterDict(
-            {p: nn.Parameter(torch.zeros(self.slot_size, self.r, device=device, dtype=torch.float32)) for p in self.params}
+            {p: nn.Parameter(torch.zeros(b_shape, device=device, dtype=torch.float32)) for p in self.params}
         )
         for a in self.lora_A.values():
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # B = 0: a fresh adapter changes nothing

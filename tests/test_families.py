@@ -49,7 +49,8 @@ def _build(case):
     model = small_model(name, timm_family, **overrides)
     vocab = min(int(getattr(model, "vocab_size", 0) or getattr(model.text, "vocab_size", 100)), 100)
     # open_clip text towers take exactly their context length; the tiny HF configs have 40 positions.
-    context = 16 if CASES[case][5].startswith("hf/") else int(getattr(model, "context_length", 0) or model.text.context_length)
+    hf = CASES[case][5].startswith("hf/")
+    context = 16 if hf else int(getattr(model, "context_length", 0) or model.text.context_length)
     tokens = tiny_tokens(n=3, context=context, vocab=vocab)
     images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
     return model, images, tokens
@@ -174,9 +175,8 @@ def test_position_scales_with_tower_depth():
     [("convnext_tiny", "no attention layers"), ("MobileCLIP2-S0", "fastvit")],
 )
 def test_convolutional_towers_are_refused_but_text_adapts(name, what):
-    from clip_models import offline_builders
-
     import open_clip
+    from clip_models import offline_builders
 
     with torch.device("meta"), offline_builders():
         model = open_clip.create_model(name, pretrained=None, device="meta")
