@@ -3,6 +3,7 @@ fused equals plain LoRA (features and LoRA gradients), merge/unmerge restores th
 bit for bit, the adapter file round-trips, and the trainable count matches a hand count."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -213,3 +214,52 @@ def test_adapter_metadata_records_the_family(tmp_path):
     save_adapter(patch_fused(model, LoRAConfig()), tmp_path / "a.safetensors")
     _, info = read_adapter(tmp_path / "a.safetensors")
     assert info["families"] == {"text": "open_clip", "vision": "timm/Eva"}
+
+
+def _offline_tokenizer(context: int, vocab: int):
+    """Token ids made without the hub tokenizer: one id per word, an end token, padding."""
+
+    def tokenize(texts):
+        out = torch.zeros(len(texts), context, dtype=torch.long)
+        for i, text in enumerate(texts):
+            ids = [1 + sum(map(ord, w)) % (vocab - 2) for w in text.split()][: context - 1]
+            out[i, : len(ids) + 1] = torch.tensor([*ids, vocab - 1])
+        return out
+
+    return tokenize
+
+
+def test_recipe_trains_siglip2_at_its_own_temperature(tmp_path, monkeypatch):
+    """The few-shot recipe on SigLIP2's real architecture (reduced size, random init, token
+    ids made offline): it trains, and the loss temperature is the model's logit_scale.exp()."""
+    import json
+
+    import open_clip
+    from clip_models import TIMM_SMALL, offline_builders
+    from open_clip.factory import get_model_config
+
+    from clip_lora.adapters import read_adapter
+    from clip_lora.data import make_synthetic
+    from clip_lora.train import ADAPTER_FILE, TrainConfig, train
+
+    make_synthetic(str(tmp_path / "data"), num_classes=3, train_per_class=4, test_per_class=3, image_size=32)
+    cfg = get_model_config("ViT-B-16-SigLIP2")
+    cfg["text_cfg"].update(width=64, heads=4, layers=2)
+    cfg["embed_dim"] = 64  # the shrunk trunk's width: SigLIP has no image projection
+    (tmp_path / "siglip2-small.json").write_text(json.dumps(cfg))
+    context, vocab = cfg["text_cfg"]["context_length"], cfg["text_cfg"]["vocab_size"]
+    monkeypatch.setattr(open_clip, "get_tokenizer", lambda name, **kw: _offline_tokenizer(context, vocab))
+    run = TrainConfig(
+        dataset="synthetic", root=str(tmp_path / "data"), output=str(tmp_path / "run"), shots=2,
+        model=str(tmp_path / "siglip2-small.json"), image_size=32, lr=1e-2, batch_size=6, iterations=3,
+        num_workers=0, checkpoint_every=0, zero_shot=False, progress=False,
+    )
+    with offline_builders(TIMM_SMALL["vit"]):
+        metrics = train(run)
+    # Random init: open_clip's init_logit_scale, log(1 / 0.07); a checkpoint brings its learnt one.
+    assert metrics["logit_scale"] == pytest.approx(1 / 0.07)
+    assert metrics["logit_scale_source"] == "model.logit_scale.exp()"
+    assert all(map(math.isfinite, metrics["loss_curve"])) and len(metrics["loss_curve"]) == 3
+    tensors, info = read_adapter(tmp_path / "run" / ADAPTER_FILE)
+    assert info["families"] == {"text": "open_clip", "vision": "timm/VisionTransformer"}
+    assert any(k.startswith("visual.trunk.") and "lora_B" in k and t.abs().sum() > 0 for k, t in tensors.items())
