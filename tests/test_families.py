@@ -16,6 +16,7 @@ from clip_lora import (
     lora_parameters,
     lora_state_dict,
     merge,
+    merged_state_dict,
     patch_fused,
     patch_reference,
     save_adapter,
@@ -113,6 +114,13 @@ def test_family(case, tmp_path):
     for k, v in sd_before.items():
         assert torch.equal(fused.state_dict()[k], v), k
     for a, b in zip(merged_out, out_f, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)  # W + sBA rounded to fp32 once
+
+    # merged_state_dict is a plain open_clip state dict: the unpatched model loads it strictly
+    # and computes what the patched one does.
+    plain_copy = copy.deepcopy(model)
+    plain_copy.load_state_dict(merged_state_dict(fused), strict=True)
+    for a, b in zip(_features(plain_copy.eval(), images, tokens), out_f, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)  # W + sBA rounded to fp32 once
 
     # The adapter round-trips into a fresh copy of the unpatched model.
