@@ -271,3 +271,16 @@ def test_recipe_trains_siglip2_at_its_own_temperature(tmp_path, monkeypatch):
     tensors, info = read_adapter(tmp_path / "run" / ADAPTER_FILE)
     assert info["families"] == {"text": "open_clip", "vision": "timm/VisionTransformer"}
     assert any(k.startswith("visual.trunk.") and "lora_B" in k and t.abs().sum() > 0 for k, t in tensors.items())
+
+
+def test_coca_pooling_head_is_refused_clearly():
+    """CoCa's AttentionalPooler attends from learnt queries to keys/values of another width:
+    no LoRAAttention form fits it, so pooling_head=True is refused and nothing changes."""
+    import open_clip
+
+    with torch.device("meta"):
+        model = open_clip.create_model("coca_ViT-B-32", pretrained=None, device="meta")
+    with pytest.raises(ValueError, match="AttentionalPooler.*pooling_head=False"):
+        patch_fused(model, LoRAConfig(pooling_head=True))
+    assert count_trainable(model) == sum(p.numel() for p in model.parameters())  # untouched, all trainable
+    patch_fused(model, LoRAConfig())
