@@ -269,17 +269,6 @@ def discover(model: nn.Module, tower: str) -> Tower:
                   "choose encoder='vision'")
 
 
-def tower_depths(model: nn.Module) -> dict[str, int]:
-    """Attention-block count of each tower that can be adapted (what position counts)."""
-    out = {}
-    for t in ("text", "vision"):
-        try:
-            out[t] = len(discover(model, t).blocks)
-        except ValueError:
-            pass
-    return out
-
-
 def families(model: nn.Module) -> dict[str, str]:
     """``{"text": family, "vision": family}`` for the towers that can be adapted."""
     out = {}
