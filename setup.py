@@ -21,6 +21,7 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "ruff", "transformers>=4.40"],  # HF text towers
         "bench": ["pytest-benchmark>=4", "matplotlib"],
+        "hf": ["transformers>=4.40"],  # open_clip's HF text towers; transformers' CLIPModel / SiglipModel
     },
     entry_points={"console_scripts": ["clip-lora = clip_lora.cli:main"]},
 )

@@ -37,6 +37,9 @@ paper, which adapts the tower's blocks only.  A ResNet CLIP has no attention but
 ``AttentionPool2d``, so there the pool IS the tower's (single) attention block: it is
 adapted by default, ``position`` counts it as a 1-block tower (all / top1).
 
+``transformers``' own ``CLIPModel`` and ``SiglipModel`` (not open_clip models) are found
+the same way as the HF text towers, family ``transformers/<model_type>``.
+
 Refused, naming the module and what to do instead: towers with no attention
 (ConvNeXt), MobileCLIP-S*'s FastViT (convolutional stages and ``fastvit.Attention``
 on conv feature maps), CoCa's ``AttentionalPooler`` as a pooling head.
@@ -79,6 +82,7 @@ class Block:
     attr: str = "attn"
     sites: list[Site] = field(default_factory=list)
     overrides: list[tuple[nn.Module, str, object]] = field(default_factory=list)
+    reason: str = ""  # kind "refused": why this head cannot be adapted
 
 
 @dataclass
@@ -199,12 +203,12 @@ def _linear_child(module: nn.Module, names: tuple[str, ...]) -> str | None:
     return next((n for n in names if isinstance(getattr(module, n, None), _LINEAR)), None)
 
 
-def _hf_tower(text: nn.Module, prefix: str) -> Tower:
+def _hf_blocks(root: nn.Module, prefix: str) -> list[Block]:
     """Self-attention of a Hugging Face encoder: any module with q, k and v Linear children
-    (by the names BERT/RoBERTa, T5 and BART/M2M100 use); its output projection is a sibling
-    Linear, or ``<parent>.output.dense`` in BERT-style models."""
+    (by the names BERT/RoBERTa, T5, BART/M2M100 and CLIP/SigLIP use); its output
+    projection is a sibling Linear, or ``<parent>.output.dense`` in BERT-style models."""
     blocks = []
-    modules = dict(text.transformer.named_modules())
+    modules = dict(root.named_modules())
     for name, module in modules.items():
         names = [_linear_child(module, group) for group in (_Q, _K, _V)]
         if None in names:
@@ -216,10 +220,16 @@ def _hf_tower(text: nn.Module, prefix: str) -> Tower:
         else:
             output = getattr(modules.get(name.rpartition(".")[0]), "output", None)
             if not isinstance(getattr(output, "dense", None), _LINEAR):
-                raise _refuse(f"{prefix}.transformer.{name}", module, "its output projection was not found",
+                raise _refuse(f"{prefix}.{name}", module, "its output projection was not found",
                               "use params without 'o'")
             sites.append(Site(output, "dense", ("o",)))
-        blocks.append(Block(f"{prefix}.transformer.{name}", "linears", sites=sites))
+        blocks.append(Block(f"{prefix}.{name}", "linears", sites=sites))
+    return blocks
+
+
+def _hf_tower(text: nn.Module, prefix: str) -> Tower:
+    """An open_clip ``HFTextEncoder``: the HF model sits at ``text.transformer``."""
+    blocks = _hf_blocks(text.transformer, f"{prefix}.transformer")
     if not blocks:
         raise _refuse(f"text tower {prefix}", text.transformer, "no self-attention with q/k/v Linears was found",
                       "use encoder='vision'")
@@ -236,11 +246,30 @@ def _open_clip_tower(transformer: nn.Module, prefix: str, heads: list[Block]) ->
 # =============================================================================
 
 
+def _transformers_tower(model: nn.Module, tower: str) -> Tower:
+    """``transformers``' ``CLIPModel`` / ``SiglipModel``: ``vision_model`` and ``text_model``
+    with q_proj/k_proj/v_proj/out_proj Linears.  SigLIP's vision pooling head runs an
+    ``nn.MultiheadAttention`` from a learnt probe (cross-attention): refused as a head."""
+    root = getattr(model, f"{tower}_model")
+    blocks = _hf_blocks(root, f"{tower}_model")
+    if not blocks:
+        raise _refuse(f"{tower}_model", root, "no self-attention with q/k/v Linears was found",
+                      f"choose encoder={'text' if tower == 'vision' else 'vision'!r}")
+    heads = []
+    head = getattr(root, "head", None)
+    if head is not None and any(isinstance(m, nn.MultiheadAttention) for m in head.modules()):
+        reason = "it cross-attends from a learnt probe through nn.MultiheadAttention"
+        heads.append(Block(f"{tower}_model.head", "refused", parent=root, attr="head", reason=reason))
+    return Tower(f"transformers/{model.config.model_type}", blocks, heads)
+
+
 def discover(model: nn.Module, tower: str) -> Tower:
     """The :class:`Tower` of ``model``'s ``tower`` ("vision" or "text"), or a ValueError
     that names the module type and what to do."""
     if tower not in ("vision", "text"):
         raise ValueError(f"tower must be 'vision' or 'text', got {tower!r}")
+    if hasattr(model, "vision_model") and hasattr(model, "text_model") and hasattr(model, "config"):
+        return _transformers_tower(model, tower)
     transformer = find_towers(model)[tower]
     if tower == "vision":
         visual = getattr(model, "visual", None)
@@ -249,7 +278,8 @@ def discover(model: nn.Module, tower: str) -> Tower:
         if transformer is not None:
             heads = []
             if getattr(visual, "attn_pool", None) is not None:
-                heads.append(Block("visual.attn_pool", "refused", parent=visual, attr="attn_pool"))
+                reason = "its attention has key/value widths other than its query's"
+                heads.append(Block("visual.attn_pool", "refused", parent=visual, attr="attn_pool", reason=reason))
             return _open_clip_tower(transformer, "visual.transformer", heads)
         from open_clip.modified_resnet import ModifiedResNet
         from open_clip.timm_model import TimmModel

@@ -284,3 +284,50 @@ def test_coca_pooling_head_is_refused_clearly():
         patch_fused(model, LoRAConfig(pooling_head=True))
     assert count_trainable(model) == sum(p.numel() for p in model.parameters())  # untouched, all trainable
     patch_fused(model, LoRAConfig())
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_transformers_clip_and_siglip_models(kind, tmp_path):
+    """transformers' own CLIPModel / SiglipModel (optional extra): the same patch on their
+    q_proj/k_proj/v_proj/out_proj Linears; SigLIP's probe-attention head is refused."""
+    transformers = pytest.importorskip("transformers", reason="transformers' CLIP models need the test extra")
+    config_cls, model_cls = {
+        "clip": (transformers.CLIPConfig, transformers.CLIPModel),
+        "siglip": (transformers.SiglipConfig, transformers.SiglipModel),
+    }[kind]
+    common = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2}
+    text = {**common, "vocab_size": 100, "max_position_embeddings": 16, "bos_token_id": 98, "eos_token_id": 99}
+    torch.manual_seed(0)
+    model = model_cls(config_cls(text_config=text, vision_config={**common, "image_size": 32, "patch_size": 16})).eval()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(1, 98, (3, 16), generator=torch.Generator().manual_seed(2))
+
+    def features(m):
+        return (m.get_image_features(pixel_values=images).pooler_output,
+                m.get_text_features(input_ids=tokens).pooler_output)
+
+    base = features(model)
+    cfg = LoRAConfig(params=("q", "k", "v", "o"), dropout=0.0)
+    fused = patch_fused(copy.deepcopy(model), cfg)
+    assert discover(fused, "vision").family == f"transformers/{kind}"
+    assert count_trainable(fused) == 2 * 2 * 4 * (2 * 32 + 32 * 2)  # 2 towers x 2 layers x q,k,v,o x (A + B)
+    for a, b in zip(features(fused), base, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)  # B = 0 (bias added after the GEMM: fp32 rounding)
+    randomize_adapters(fused, std=0.2)
+    plain = patch_reference(copy.deepcopy(model), cfg)
+    plain.load_state_dict(fused.state_dict())
+    out_f = features(fused)
+    for a, b, c in zip(out_f, features(plain), base, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        assert (a - c).abs().max() > 1e-3
+    weights = {k: v.clone() for k, v in fused.state_dict().items()}
+    merge(fused)
+    unmerge(fused)
+    assert all(torch.equal(fused.state_dict()[k], v) for k, v in weights.items())
+    save_adapter(fused, tmp_path / "a.safetensors")
+    loaded = load_adapter(copy.deepcopy(model), tmp_path / "a.safetensors")
+    for a, b in zip(features(loaded.eval()), out_f, strict=True):
+        assert torch.equal(a, b)
+    if kind == "siglip":
+        with pytest.raises(ValueError, match="SiglipMultiheadAttentionPoolingHead.*pooling_head=False"):
+            patch_fused(copy.deepcopy(model), LoRAConfig(pooling_head=True))
