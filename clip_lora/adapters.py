@@ -61,7 +61,7 @@ from .config import LoRAConfig, position_blocks
 from .errors import AdapterFileError, ModelMismatchError, reason
 from .families import families
 from .model import MODEL_NAME_ATTR
-from .patch import CONFIG_ATTR, apply_patch, lora_modules, lora_state_dict, plan_patch
+from .patch import CONFIG_ATTR, LoRAModule, apply_patch, lora_modules, lora_state_dict, plan_patch
 from .towers import find_towers, tower_blocks, tower_shapes
 
 FORMAT_VERSION = 1
@@ -172,37 +172,41 @@ def _config_differences(file_cfg: LoRAConfig, model_cfg: LoRAConfig) -> list[str
 
 def _targets(
     model: nn.Module, file_cfg: LoRAConfig, path: Path, fused: bool
-) -> tuple[dict[tuple[str, int], tuple[str, LoRAAttention]], Callable[[], None]]:
-    """The attentions the file's tensors go to, ``{(tower, block): (name, module)}``, and
-    a commit function.  A patched model must match the file's config; an unpatched one
-    gets new modules that are built here but installed only by the commit, after every
-    check has passed."""
+) -> tuple[dict[Any, tuple[str, LoRAModule]], Callable[[], None]]:
+    """The modules the file's tensors go to, ``{key: (name, module)}``, and a commit
+    function.  The key is ``(tower, block)`` for open_clip attentions (what the official
+    import enumerates) and the qualified name for swapped Linears of the other families.
+    A patched model must match the file's config; an unpatched one gets new modules that
+    are built here but installed only by the commit, after every check has passed."""
     model_cfg = getattr(model, CONFIG_ATTR, None)
     names = {id(m): n for n, m in model.named_modules()}
-    targets: dict[tuple[str, int], tuple[str, LoRAAttention]] = {}
+    blocks = {
+        id(block): (tower, i)
+        for tower in ("text", "vision")
+        if find_towers(model)[tower] is not None
+        for i, block in enumerate(tower_blocks(model, tower))
+    }
+    targets: dict[Any, tuple[str, LoRAModule]] = {}
     if model_cfg is not None:
         diffs = _config_differences(file_cfg, model_cfg)
         if diffs:
             raise AdapterFileError(f"adapter {path} does not match the model's LoRA config: {'; '.join(diffs)}")
         if any(m.merged for _, m in lora_modules(model)):
             raise ValueError("model is merged: call clip_lora.unmerge(model) before loading an adapter")
-        for tower in ("text", "vision"):
-            if find_towers(model)[tower] is None:
-                continue
-            for i, block in enumerate(tower_blocks(model, tower)):
-                if isinstance(block.attn, LoRAAttention):
-                    targets[(tower, i)] = (f"{names[id(block)]}.attn", block.attn)
+        for name, m in lora_modules(model):
+            parent = model.get_submodule(name.rpartition(".")[0])
+            key = blocks.get(id(parent), name) if isinstance(m, LoRAAttention) else name
+            targets[key] = (name, m)
         return targets, lambda: None
     provider = "fused" if fused else "plain"
     try:
         planned = plan_patch(model, file_cfg, provider)
     except ValueError as e:
         raise AdapterFileError(f"adapter {path}: its config does not fit this model: {reason(e)}") from None
-    new_of = {id(block): new for block, new in planned}
-    for tower in file_cfg.towers:
-        for i, block in enumerate(tower_blocks(model, tower)):
-            if id(block) in new_of:
-                targets[(tower, i)] = (f"{names[id(block)]}.attn", new_of[id(block)])
+    for parent, attr, new in planned.swaps:
+        name = f"{names[id(parent)]}.{attr}" if names[id(parent)] else attr
+        key = blocks.get(id(parent), name) if isinstance(new, LoRAAttention) else name
+        targets[key] = (name, new)
     return targets, lambda: apply_patch(model, planned, file_cfg, provider)
 
 
