@@ -19,8 +19,10 @@ setup(
         "pillow",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "ruff"],
+        # transformers: the HF text towers (multilingual CLIPs) and transformers' CLIP/SigLIP models.
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "ruff", "transformers>=4.40"],
         "bench": ["pytest-benchmark>=4", "matplotlib"],
+        "hf": ["transformers>=4.40"],  # open_clip's HF text towers; transformers' CLIPModel / SiglipModel
     },
     entry_points={"console_scripts": ["clip-lora = clip_lora.cli:main"]},
 )

@@ -10,6 +10,7 @@ few-shot recipe (datasets, training, evaluation, CLI) lives in its own modules.
 from .adapters import load_adapter, load_official_adapter, save_adapter
 from .attention import LoRAAttention
 from .config import LoRAConfig
+from .linear import LoRALinear
 from .model import create_model
 from .patch import (
     count_trainable,
@@ -28,6 +29,7 @@ from .text import encode_class_prompts, encode_text_bucketed, encode_text_trimme
 __all__ = [
     "LoRAAttention",
     "LoRAConfig",
+    "LoRALinear",
     "count_trainable",
     "create_model",
     "encode_class_prompts",

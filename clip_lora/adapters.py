@@ -10,13 +10,16 @@ metadata under ``"clip_lora"``, a JSON document::
                             "vocab_size": 49408},
                    "vision": {"width": 768, "layers": 12, "heads": 12, "image_size": [224, 224],
                               "patch_size": [16, 16]}},
-     "activation": "quickgelu" | "gelu" | null}
+     "activation": "quickgelu" | "gelu" | null,
+     "families": {"text": "open_clip", "vision": "open_clip"}}
 
 ``signature`` holds each adapted tower's architecture, so that an adapter saved from
 ViT-B-32 is refused by a ViT-B-16 (same tower widths and depths, other patch size) even
 when the model was built by open_clip directly and carries no name.  Files written
 before the signature existed load with the older check (tower depth and width, plus the
-model name where both sides have one).
+model name where both sides have one).  ``families`` names each adaptable tower's family
+(:func:`clip_lora.families.families`); the signature covers open_clip's own transformer
+towers only.
 
 One file keeps the write atomic: it is written to a temporary file in the same
 directory and moved into place with ``os.replace``.  Loading is atomic too: the whole
@@ -59,8 +62,9 @@ import torch.nn as nn
 from .attention import LoRAAttention
 from .config import LoRAConfig, position_blocks
 from .errors import AdapterFileError, ModelMismatchError, reason
+from .families import families
 from .model import MODEL_NAME_ATTR, mlp_activation
-from .patch import CONFIG_ATTR, apply_patch, lora_modules, lora_state_dict, plan_patch
+from .patch import CONFIG_ATTR, LoRAModule, apply_patch, lora_modules, lora_state_dict, plan_patch
 from .towers import find_towers, tower_blocks, tower_shapes
 
 FORMAT_VERSION = 1
@@ -161,7 +165,7 @@ def _check_model(model: nn.Module, info: Mapping[str, Any], path: Path) -> None:
 
 def _config_differences(file_cfg: LoRAConfig, model_cfg: LoRAConfig) -> list[str]:
     # Dropout only matters while training, so an adapter loads whatever dropout it was trained with.
-    names = ("r", "alpha", "scaling", "encoder", "params", "position")
+    names = ("r", "alpha", "scaling", "encoder", "params", "position", "pooling_head")
     return [
         f"{n}: file has {getattr(file_cfg, n)!r}, model has {getattr(model_cfg, n)!r}"
         for n in names
@@ -171,37 +175,41 @@ def _config_differences(file_cfg: LoRAConfig, model_cfg: LoRAConfig) -> list[str
 
 def _targets(
     model: nn.Module, file_cfg: LoRAConfig, path: Path, fused: bool
-) -> tuple[dict[tuple[str, int], tuple[str, LoRAAttention]], Callable[[], None]]:
-    """The attentions the file's tensors go to, ``{(tower, block): (name, module)}``, and
-    a commit function.  A patched model must match the file's config; an unpatched one
-    gets new modules that are built here but installed only by the commit, after every
-    check has passed."""
+) -> tuple[dict[Any, tuple[str, LoRAModule]], Callable[[], None]]:
+    """The modules the file's tensors go to, ``{key: (name, module)}``, and a commit
+    function.  The key is ``(tower, block)`` for open_clip attentions (what the official
+    import enumerates) and the qualified name for swapped Linears of the other families.
+    A patched model must match the file's config; an unpatched one gets new modules that
+    are built here but installed only by the commit, after every check has passed."""
     model_cfg = getattr(model, CONFIG_ATTR, None)
     names = {id(m): n for n, m in model.named_modules()}
-    targets: dict[tuple[str, int], tuple[str, LoRAAttention]] = {}
+    blocks = {
+        id(block): (tower, i)
+        for tower in ("text", "vision")
+        if find_towers(model)[tower] is not None
+        for i, block in enumerate(tower_blocks(model, tower))
+    }
+    targets: dict[Any, tuple[str, LoRAModule]] = {}
     if model_cfg is not None:
         diffs = _config_differences(file_cfg, model_cfg)
         if diffs:
             raise AdapterFileError(f"adapter {path} does not match the model's LoRA config: {'; '.join(diffs)}")
         if any(m.merged for _, m in lora_modules(model)):
             raise ValueError("model is merged: call clip_lora.unmerge(model) before loading an adapter")
-        for tower in ("text", "vision"):
-            if find_towers(model)[tower] is None:
-                continue
-            for i, block in enumerate(tower_blocks(model, tower)):
-                if isinstance(block.attn, LoRAAttention):
-                    targets[(tower, i)] = (f"{names[id(block)]}.attn", block.attn)
+        for name, m in lora_modules(model):
+            parent = model.get_submodule(name.rpartition(".")[0])
+            key = blocks.get(id(parent), name) if isinstance(m, LoRAAttention) else name
+            targets[key] = (name, m)
         return targets, lambda: None
     provider = "fused" if fused else "plain"
     try:
         planned = plan_patch(model, file_cfg, provider)
     except ValueError as e:
         raise AdapterFileError(f"adapter {path}: its config does not fit this model: {reason(e)}") from None
-    new_of = {id(block): new for block, new in planned}
-    for tower in file_cfg.towers:
-        for i, block in enumerate(tower_blocks(model, tower)):
-            if id(block) in new_of:
-                targets[(tower, i)] = (f"{names[id(block)]}.attn", new_of[id(block)])
+    for parent, attr, new in planned.swaps:
+        name = f"{names[id(parent)]}.{attr}" if names[id(parent)] else attr
+        key = blocks.get(id(parent), name) if isinstance(new, LoRAAttention) else name
+        targets[key] = (name, new)
     return targets, lambda: apply_patch(model, planned, file_cfg, provider)
 
 
@@ -258,6 +266,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
         "towers": tower_shapes(model),
         "signature": {t: signature[t] for t in config.towers if t in signature},
         "activation": mlp_activation(model),  # an adapter fits the activation it was trained under
+        "families": families(model),
     }
     # Created by hand rather than with mkstemp, whose 0600 mode would survive the rename;
     # safetensors recreates the file, so its umask-derived mode is put back after writing.

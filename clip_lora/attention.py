@@ -7,7 +7,11 @@ open_clip builds attention in two forms, and this module stands in for both:
 * open_clip's own ``Attention`` inside ``CustomResidualAttentionBlock`` (called as
   ``attn(x, attn_mask=...)`` and returning ``out``).
 
-Both keep q/k/v packed in ``in_proj_weight [3d, d]``.  The replacement computes the packed
+Why a whole-module replacement here, when every other family only has its projection
+Linears swapped (:class:`~clip_lora.linear.LoRALinear`, :mod:`clip_lora.families`): both
+forms keep q/k/v packed in a bare ``in_proj_weight [3d, d]`` Parameter that their forward
+hands straight to ``F.multi_head_attention_forward`` / ``F.linear``; there is no Linear
+call to intercept.  The replacement computes the packed
 projection as ONE :func:`lora_kernels.lora_linear` call with three slots (q, k, v; an
 unadapted slot is ``None``), attention with ``F.scaled_dot_product_attention``, and the
 output projection through ``lora_linear`` when "o" is adapted (``F.linear`` otherwise).

@@ -113,7 +113,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=32, help="global batch (split across processes)")
     g.add_argument("--iters-per-shot", type=int, default=500, help="total iterations = this x shots")
     g.add_argument("--iterations", type=int, default=None, help="total iterations (overrides --iters-per-shot)")
-    g.add_argument("--logit-scale", type=_positive_float, default=100.0)
+    g.add_argument(
+        "--logit-scale",
+        type=_positive_float,
+        default=None,
+        help="loss temperature (default: 100 on CLIP models, the model's own logit_scale.exp() on others)",
+    )
     g.add_argument("--template", default="a photo of a {}.")
     g = p.add_argument_group("run")
     g.add_argument("--eval-batch-size", type=int, default=128)

@@ -65,7 +65,12 @@ class LoRAConfig:
         encoder: which towers get adapters: "both", "vision" or "text".
         params: attention projections to adapt, any of "q", "k", "v", "o".
         position: which blocks of each tower: one of ``POSITIONS`` or an explicit list of
-            block indices (see :func:`position_blocks`).
+            block indices (see :func:`position_blocks`).  The blocks are a tower's
+            attention layers in depth order, whatever its family (a ResNet CLIP's vision
+            tower is its one attention pool; see :mod:`clip_lora.families`).
+        pooling_head: also adapt the attention-pooling head that follows some vision
+            towers (SigLIP's and PE-Core's ``AttentionPoolLatent``), whatever
+            ``position`` says.  Off by default: the paper adapts the towers' blocks only.
     """
 
     r: int = 2
@@ -75,6 +80,7 @@ class LoRAConfig:
     encoder: str = "both"
     params: tuple[str, ...] = ("q", "k", "v")
     position: str | tuple[int, ...] = "all"
+    pooling_head: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or not 1 <= self.r <= MAX_RANK:
@@ -106,6 +112,8 @@ class LoRAConfig:
                     f"or use one of {', '.join(POSITIONS)}"
                 )
             object.__setattr__(self, "position", tuple(sorted(set(indices))))
+        if not isinstance(self.pooling_head, bool):
+            raise ValueError(f"pooling_head must be True or False, got {self.pooling_head!r}")
         object.__setattr__(self, "alpha", float(self.alpha))
         object.__setattr__(self, "dropout", float(self.dropout))
 

@@ -1,13 +1,16 @@
 """Swap LoRA attention into an open_clip model, and undo it.
 
-``patch_fused(model, config)`` replaces the attention of the blocks that ``config``
-selects with :class:`~clip_lora.attention.LoRAAttention`, freezes every other parameter
+``patch_fused(model, config)`` adapts the attention of the blocks that ``config``
+selects (:mod:`clip_lora.families` says, per tower family, which modules those are):
+open_clip's own attention is replaced by :class:`~clip_lora.attention.LoRAAttention`,
+the projection Linears of every other family by :class:`~clip_lora.linear.LoRALinear`.
+It freezes every other parameter
 and records the config as ``model.clip_lora_config``.  ``unpatch`` puts the original
 modules back.  ``merge``/``unmerge`` fold the adapters into the frozen weights and out
 again.
 
-State dicts: a patched model has the open_clip keys plus ``…attn.lora_A.<p>`` /
-``…attn.lora_B.<p>``.  :func:`load_base_state_dict` loads a plain open_clip checkpoint
+State dicts: a patched model has the open_clip keys plus ``….lora_A.<p>`` /
+``….lora_B.<p>`` on each patched module.  :func:`load_base_state_dict` loads a plain open_clip checkpoint
 into a patched model (only LoRA keys may be missing); :func:`merged_state_dict` gives a
 plain open_clip state dict with the adapters folded in, which an unpatched model loads
 with ``strict=True``.
@@ -16,23 +19,36 @@ with ``strict=True``.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 
 from .attention import LoRAAttention
 from .config import LoRAConfig
-from .towers import tower_blocks
+from .families import discover
+from .linear import LoRALinear
 
 CONFIG_ATTR = "clip_lora_config"
 PROVIDER_ATTR = "clip_lora_provider"
 _REQUIRES_GRAD_ATTR = "_clip_lora_requires_grad"
 
 
-def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRAAttention]]:
-    """``(qualified name, module)`` of every patched attention, in module order."""
+LoRAModule = LoRAAttention | LoRALinear
+
+
+class Plan(NamedTuple):
+    swaps: list[tuple[nn.Module, str, LoRAModule]]
+    overrides: list[tuple[nn.Module, str, object]]
+
+_OVERRIDES_ATTR = "_clip_lora_overrides"
+_MISSING = object()
+
+
+def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRAModule]]:
+    """``(qualified name, module)`` of every patched attention or Linear, in module order."""
     for name, module in model.named_modules():
-        if isinstance(module, LoRAAttention):
+        if isinstance(module, (LoRAAttention, LoRALinear)):
             yield name, module
 
 
@@ -41,37 +57,54 @@ def is_lora_key(key: str) -> bool:
     return ".lora_A." in key or ".lora_B." in key
 
 
-def plan_patch(model: nn.Module, config: LoRAConfig, provider: str) -> list[tuple[nn.Module, LoRAAttention]]:
-    """The ``(block, new attention)`` pairs that patching would install, built without
-    touching ``model``: an unsupported block, or a caller's later check (an adapter file
-    that does not fit), leaves the model intact."""
+def plan_patch(model: nn.Module, config: LoRAConfig, provider: str) -> Plan:
+    """What patching would install, built without touching ``model``: ``swaps``, the
+    ``(parent, attr, new module)`` for every adapted attention or projection, and the
+    instance ``overrides`` some families need.  An unsupported block, or a caller's later
+    check (an adapter file that does not fit), leaves the model intact."""
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"config must be a clip_lora.LoRAConfig, got {type(config).__name__}")
     if next(lora_modules(model), None) is not None:
         raise ValueError("model is already patched; call clip_lora.unpatch(model) first")
-    replacements = []
-    for tower in config.towers:
-        blocks = tower_blocks(model, tower)
-        for i in config.blocks(len(blocks)):
-            new = LoRAAttention(
-                blocks[i].attn,
-                params=config.params,
-                r=config.r,
-                scale=config.scale,
-                dropout=config.dropout,
-                provider=provider,
-            )
-            replacements.append((blocks[i], new))
-    return replacements
+    kwargs = {"r": config.r, "scale": config.scale, "dropout": config.dropout, "provider": provider}
+    swaps, overrides = [], []
+    for tower_name in config.towers:
+        tower = discover(model, tower_name)
+        chosen = [tower.blocks[i] for i in config.blocks(len(tower.blocks))]
+        if config.pooling_head:
+            refused = [h for h in tower.heads if h.kind == "refused"]
+            if refused:
+                head = getattr(refused[0].parent, refused[0].attr)
+                raise ValueError(
+                    f"pooling head {refused[0].name} ({type(head).__qualname__}) cannot be adapted: "
+                    f"{refused[0].reason}; use pooling_head=False"
+                )
+            chosen += tower.heads
+        for block in chosen:
+            if block.kind == "mha":
+                # open_clip's attention keeps q/k/v in a bare in_proj_weight: replace it whole.
+                attn = LoRAAttention(getattr(block.parent, block.attr), params=config.params, **kwargs)
+                swaps.append((block.parent, block.attr, attn))
+                continue
+            sites = [s for s in block.sites if set(s.slots) & set(config.params)]
+            for s in sites:
+                linear = LoRALinear(getattr(s.parent, s.attr), slots=s.slots, params=config.params, **kwargs)
+                swaps.append((s.parent, s.attr, linear))
+            if sites:
+                overrides += block.overrides
+    return Plan(swaps, overrides)
 
 
-def apply_patch(
-    model: nn.Module, replacements: list[tuple[nn.Module, LoRAAttention]], config: LoRAConfig, provider: str
-) -> nn.Module:
-    """Install :func:`plan_patch`'s replacements (cannot fail half-way: no checks left)."""
+def apply_patch(model: nn.Module, plan: Plan, config: LoRAConfig, provider: str) -> nn.Module:
+    """Install :func:`plan_patch`'s plan (cannot fail half-way: no checks left)."""
     setattr(model, _REQUIRES_GRAD_ATTR, {n: p.requires_grad for n, p in model.named_parameters()})
-    for block, new in replacements:
-        block.attn = new
+    saved = []
+    for module, attr, value in plan.overrides:
+        saved.append((module, attr, module.__dict__.get(attr, _MISSING)))
+        setattr(module, attr, value)
+    setattr(model, _OVERRIDES_ATTR, saved)
+    for parent, attr, new in plan.swaps:
+        setattr(parent, attr, new)
     for p in model.parameters():
         p.requires_grad_(False)
     for p in lora_parameters(model):
@@ -107,10 +140,15 @@ def unpatch(model: nn.Module) -> nn.Module:
     for name, module in list(lora_modules(model)):
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, module.original())
+    for module, attr, old in reversed(getattr(model, _OVERRIDES_ATTR, [])):
+        if old is _MISSING:
+            delattr(module, attr)
+        else:
+            setattr(module, attr, old)
     flags = getattr(model, _REQUIRES_GRAD_ATTR, {})
     for n, p in model.named_parameters():
         p.requires_grad_(flags.get(n, p.requires_grad))
-    for attr in (CONFIG_ATTR, PROVIDER_ATTR, _REQUIRES_GRAD_ATTR):
+    for attr in (CONFIG_ATTR, PROVIDER_ATTR, _REQUIRES_GRAD_ATTR, _OVERRIDES_ATTR):
         if hasattr(model, attr):
             delattr(model, attr)
     return model

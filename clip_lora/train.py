@@ -118,7 +118,10 @@ class TrainConfig:
         iters_per_shot / iterations: total iterations are ``iters_per_shot * shots``
             unless ``iterations`` is given.
         precision: "auto" (fp16 + GradScaler on GPU, fp32 on CPU), "fp16", "bf16", "fp32".
-        logit_scale / template: the loss temperature and the class prompt.
+        logit_scale / template: the loss temperature and the class prompt.  None (the
+            default): the paper's 100 on CLIP models (OpenAI's CLIP learnt exactly that
+            scale), the model's own ``logit_scale.exp()`` on other families (SigLIP, EVA,
+            PE-Core, ...; see :func:`default_logit_scale`).
         checkpoint_every: iterations between resumable checkpoints (0: never).
         zero_shot: measure test accuracy before training as well.
     """
@@ -143,7 +146,7 @@ class TrainConfig:
     iters_per_shot: int = 500
     iterations: int | None = None
     precision: str = "auto"
-    logit_scale: float = LOGIT_SCALE
+    logit_scale: float | None = None
     template: str = TEMPLATE
     eval_batch_size: int = 128
     num_workers: int = 4
@@ -173,10 +176,11 @@ class TrainConfig:
             raise ValueError(
                 f"image_size must be a positive number of pixels (or None: the model's), got {self.image_size!r}"
             )
-        if not isinstance(self.logit_scale, (int, float)) or not (
-            math.isfinite(self.logit_scale) and self.logit_scale > 0
+        if self.logit_scale is not None and (
+            not isinstance(self.logit_scale, (int, float))
+            or not (math.isfinite(self.logit_scale) and self.logit_scale > 0)
         ):
-            raise ValueError(f"logit_scale must be a finite number > 0 (the paper: 100), got {self.logit_scale!r}")
+            raise ValueError(f"logit_scale must be a finite number > 0 or None (the default), got {self.logit_scale!r}")
         if "{}" not in self.template:
             raise ValueError(f"template must contain '{{}}' for the class name, got {self.template!r}")
         resolve_precision(self.precision, torch.device("cpu"))  # validates the name only
@@ -539,6 +543,22 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Call
     return model, preprocess_val, tokenizer
 
 
+def default_logit_scale(model: nn.Module) -> tuple[float, str]:
+    """The loss temperature when none is given, and where it came from.
+
+    The paper's fixed 100 is CLIP's own learnt logit scale (clamped at 100 in training),
+    so it applies to CLIP models: open_clip's own ViT or ResNet vision tower with its own
+    text tower.  Other families learnt other temperatures; theirs is ``logit_scale.exp()``
+    (cross-entropy over classes ignores SigLIP's logit bias: it shifts every class alike).
+    """
+    from .families import families
+
+    fams = families(model)
+    if fams.get("text") == "open_clip" and fams.get("vision") in ("open_clip", "resnet"):
+        return LOGIT_SCALE, "paper (CLIP)"
+    return float(model.logit_scale.detach().float().exp()), "model.logit_scale.exp()"
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -830,6 +850,10 @@ def _train(cfg, rank, world, device, precision, stop_after, log) -> dict[str, An
         )
 
     model, preprocess_val, tokenizer = build_model(cfg, device)
+    if cfg.logit_scale is None:
+        logit_scale, logit_scale_source = default_logit_scale(model)
+    else:
+        logit_scale, logit_scale_source = float(cfg.logit_scale), "given"
     params = lora_parameters(model)
     name_of = {id(p): n for n, p in model.named_parameters()}
     names = [name_of[id(p)] for p in params]
@@ -912,7 +936,7 @@ def _train(cfg, rank, world, device, precision, stop_after, log) -> dict[str, An
             num_classes=data.num_classes,
             train_vision=train_vision,
             precision=precision,
-            logit_scale=cfg.logit_scale,
+            logit_scale=logit_scale,
             rank=rank,
             world=world,
         )
@@ -1050,6 +1074,8 @@ def _train(cfg, rank, world, device, precision, stop_after, log) -> dict[str, An
         "world_size": world,
         "device": device.type,
         "precision": precision,
+        "logit_scale": logit_scale,
+        "logit_scale_source": logit_scale_source,
         "zero_shot_accuracy": zero_shot["accuracy"] if zero_shot else None,
         "accuracy": final["accuracy"],
         "correct": final["correct"],
