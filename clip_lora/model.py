@@ -355,7 +355,9 @@ def create_model(
     if weights.kind == "openai-file":
         _load_openai_file(model, weights)
     built = mlp_activation(model)
-    if chosen is not None and built is not None and built != chosen:
+    # What the choice decides is QuickGELU or not; a config's own GELU variant (SigLIP's
+    # tanh approximation) is not a mismatch.
+    if chosen is not None and built is not None and (built == "quickgelu") != (chosen == "quickgelu"):
         raise ValueError(f"{name} was built with {built} MLPs where {chosen} was chosen: its config overrides it")
     tokenizer = open_clip.get_tokenizer(name)
     if lora is not None:

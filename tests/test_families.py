@@ -259,7 +259,7 @@ def test_recipe_trains_siglip2_at_its_own_temperature(tmp_path, monkeypatch):
     monkeypatch.setattr(open_clip, "get_tokenizer", lambda name, **kw: _offline_tokenizer(context, vocab))
     run = TrainConfig(
         dataset="synthetic", root=str(tmp_path / "data"), output=str(tmp_path / "run"), shots=2,
-        model=str(tmp_path / "siglip2-small.json"), image_size=32, lr=1e-2, batch_size=6, iterations=3,
+        model=str(tmp_path / "siglip2-small.json"), pretrained=None, image_size=32, lr=1e-2, batch_size=6, iterations=3,
         num_workers=0, checkpoint_every=0, zero_shot=False, progress=False,
     )
     with offline_builders(TIMM_SMALL["vit"]):
