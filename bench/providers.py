@@ -29,9 +29,7 @@ import torch.nn.functional as F
 import lora_kernels
 from lora_kernels.reference import reference_lora_linear
 
-from .workloads import LayerShape
-
-LAYER_PROVIDERS = ("fused", "plain", "official-style", "plain+compile", "frozen")
+from .workloads import LAYER_PROVIDERS, STEP_PROVIDERS, LayerShape
 
 # ‖out − ref‖ / ‖ref‖ against an fp64 reference.  Rounding one output to the format
 # costs about 2⁻⁹ (bf16) or 2⁻¹² (fp16) relative; the plain providers add up to four
@@ -259,17 +257,6 @@ def check_layer(provider: str, case: LayerCase) -> dict[str, float]:
 # CLIP-LoRA training step
 # =============================================================================
 
-STEP_PROVIDERS = (
-    "fused",
-    "plain",
-    "fused+trim",
-    "fused+bucket",
-    "fused+bucket+half",
-    "official",
-    "frozen",
-    "frozen+bucket+half",
-)
-# TODO(issue 13 item 3): "fused+bucket+half+compile" once the step is one compilable function.
 STEP_DTYPE = torch.bfloat16
 # The paper's optimiser (DESIGN.md section 2); the schedule does not change the cost.
 ADAMW = dict(lr=2e-4, weight_decay=1e-2, betas=(0.9, 0.999))

@@ -23,19 +23,10 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from .workloads import DATASETS, TEXT_PROVIDERS
+from .workloads import DATASETS, LAYER_PROVIDERS, STEP_PROVIDERS, TEXT_PROVIDERS
 
-LAYER_ORDER = ("fused", "plain", "official-style", "plain+compile", "frozen")
-STEP_ORDER = (
-    "fused",
-    "plain",
-    "fused+trim",
-    "fused+bucket",
-    "fused+bucket+half",
-    "official",
-    "frozen",
-    "frozen+bucket+half",
-)
+LAYER_ORDER = LAYER_PROVIDERS
+STEP_ORDER = STEP_PROVIDERS
 TEXT_ORDER = TEXT_PROVIDERS
 BEST = "fused+bucket+half"  # the fastest exact step we ship
 

@@ -251,6 +251,19 @@ def text_tokens(provider: str, tokens: torch.Tensor) -> int:
 # Text-tower workloads: the class prompts of one step, alone
 # =============================================================================
 
+# Provider names, in the order the report's columns list them (bench.providers builds them).
+LAYER_PROVIDERS = ("fused", "plain", "official-style", "plain+compile", "frozen")
+STEP_PROVIDERS = (
+    "fused",
+    "plain",
+    "fused+trim",
+    "fused+bucket",
+    "fused+bucket+half",
+    "official",
+    "frozen",
+    "frozen+bucket+half",
+)
+# TODO(issue 13 item 3): "fused+bucket+half+compile" once the step is one compilable function.
 TEXT_PROVIDERS = ("full", "trimmed", "bucketed", "bucket1", "bucket2", "bucket4", "bucket8")
 
 
