@@ -829,9 +829,7 @@ def compile_options(device: torch.device) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def compiled_towers(
-    model: nn.Module, device: torch.device, *, backend: str | Callable = "inductor"
-) -> Iterator[None]:
+def compiled_towers(model: nn.Module, device: torch.device, *, backend: str | Callable = "inductor") -> Iterator[None]:
     """Within the block, the towers of ``model`` run through ``torch.compile``.
 
     What is compiled, and why not the whole step: :func:`train_step` calls

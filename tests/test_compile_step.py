@@ -14,12 +14,12 @@ import os
 
 import pytest
 import torch
+from clip_models import randomize_adapters, tiny_clip, tiny_tokens
 
 import clip_lora.train as train_mod
 from clip_lora import LoRAConfig, lora_parameters, patch_fused
 from clip_lora.cli import build_parser
 from clip_lora.train import CHECKPOINT_FILE, TrainConfig, _loss_sum, compiled_towers, train, train_step
-from clip_models import randomize_adapters, tiny_clip, tiny_tokens
 
 CLASSES = 5
 BATCHES = (3, 3, 2)  # the last batch is short: one more graph (dynamic=False)
