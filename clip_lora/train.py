@@ -785,18 +785,21 @@ def _claim_and_train(cfg, rank, world, device, precision, stop_after, force) -> 
 COMPILE_RECOMPILE_LIMIT = 64
 
 
-def compile_targets(model: nn.Module) -> list[nn.Module]:
-    """The modules ``--compile`` compiles: the vision tower, and the text tower's block
-    stack (its embedding, pooling and projection stay eager: a few small kernels)."""
-    from open_clip.transformer import TextTransformer
+def compile_targets(model: nn.Module) -> dict[str, nn.Module]:
+    """The modules ``--compile`` compiles, by name: open_clip's own vision tower (ViT or
+    ResNet), and its text tower's block stack (the embedding, pooling and projection stay
+    eager: a few small kernels).  Other families' towers (timm, Hugging Face) stay eager:
+    that they trace whole under ``fullgraph=True`` is not tested."""
+    from open_clip.modified_resnet import ModifiedResNet
+    from open_clip.transformer import TextTransformer, Transformer, VisionTransformer
 
-    targets = []
-    if isinstance(getattr(model, "visual", None), nn.Module):
-        targets.append(model.visual)
-    if hasattr(model, "token_embedding") and isinstance(getattr(model, "transformer", None), nn.Module):
-        targets.append(model.transformer)  # open_clip CLIP: the text tower lives on the model
+    targets = {}
+    if isinstance(getattr(model, "visual", None), (VisionTransformer, ModifiedResNet)):
+        targets["visual"] = model.visual
+    if hasattr(model, "token_embedding") and isinstance(getattr(model, "transformer", None), Transformer):
+        targets["transformer"] = model.transformer  # open_clip CLIP: the text tower lives on the model
     elif isinstance(getattr(model, "text", None), TextTransformer):
-        targets.append(model.text.transformer)  # CustomTextCLIP with open_clip's text tower
+        targets["text.transformer"] = model.text.transformer  # CustomTextCLIP with open_clip's text tower
     return targets
 
 
@@ -848,7 +851,7 @@ def compiled_towers(model: nn.Module, device: torch.device, *, backend: str | Ca
     are those of the eager model; the evaluation outside the block runs eager.  On exit,
     ``torch.compiler.reset()`` (see the comment there).
     """
-    targets = compile_targets(model)
+    targets = list(compile_targets(model).values())
     kwargs: dict[str, Any] = {"fullgraph": True, "dynamic": False, "backend": backend}
     if backend == "inductor":
         kwargs["options"] = compile_options(device)
@@ -1122,6 +1125,9 @@ def _train(cfg, rank, world, device, precision, stop_after, log) -> dict[str, An
     seen = 0
     it = start
     cuda_graphs = cfg.compile and device.type == "cuda"
+    if main and cfg.compile:
+        compiled = ", ".join(compile_targets(model)) or "none (no open_clip tower: all eager)"
+        log(f"torch.compile: {compiled}{' with CUDA graphs' if cuda_graphs else ''}; the first steps compile")
     towers = compiled_towers(model, device) if cfg.compile else contextlib.nullcontext()
     try:
         with towers:

@@ -147,7 +147,8 @@ def _interrupted_and_resumed(data, out: str) -> dict:
     m = train(cfg)
     assert m["compile"] is True and len(m["loss_curve"]) == 4
     assert json.load(open(os.path.join(cfg.output, "config.json")))["compile"] is True
-    assert "towers compiled" in open(os.path.join(cfg.output, "train.log")).read()
+    log = open(os.path.join(cfg.output, "train.log")).read()
+    assert "towers compiled" in log and "torch.compile: visual, transformer" in log
     return m
 
 
