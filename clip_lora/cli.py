@@ -126,6 +126,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint-every", type=int, default=500, help="iterations between checkpoints (0: none)")
     g.add_argument("--no-zero-shot", action="store_true", help="skip the zero-shot evaluation before training")
     g.add_argument("--no-progress", action="store_true")
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the towers (CUDA graphs on a GPU): minutes of compiling first, then faster steps",
+    )
 
 
 def _train_config(args: argparse.Namespace, dataset: str, shots: int, seed: int, output: str):
@@ -168,6 +173,7 @@ def _train_config(args: argparse.Namespace, dataset: str, shots: int, seed: int,
         checkpoint_every=args.checkpoint_every,
         zero_shot=not args.no_zero_shot,
         progress=not args.no_progress,
+        compile=args.compile,
     )
 
 

@@ -25,6 +25,7 @@ writing no adapter.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -124,6 +125,8 @@ class TrainConfig:
             PE-Core, ...; see :func:`default_logit_scale`).
         checkpoint_every: iterations between resumable checkpoints (0: never).
         zero_shot: measure test accuracy before training as well.
+        compile: run the towers' forward and backward through ``torch.compile``
+            (CUDA graphs on a GPU); see :func:`compiled_towers`.
     """
 
     dataset: str
@@ -154,6 +157,7 @@ class TrainConfig:
     zero_shot: bool = True
     device: str | None = None
     progress: bool = True
+    compile: bool = False
 
     def __post_init__(self) -> None:
         canonical_name(self.dataset)  # an unknown name fails here, before anything is built or written
@@ -176,6 +180,8 @@ class TrainConfig:
             raise ValueError(
                 f"image_size must be a positive number of pixels (or None: the model's), got {self.image_size!r}"
             )
+        if not isinstance(self.compile, bool):
+            raise TypeError(f"compile must be True or False, got {self.compile!r}")
         if self.logit_scale is not None and (
             not isinstance(self.logit_scale, (int, float))
             or not (math.isfinite(self.logit_scale) and self.logit_scale > 0)
@@ -769,6 +775,104 @@ def _claim_and_train(cfg, rank, world, device, precision, stop_after, force) -> 
         lock.release()
 
 
+# --------------------------------------------------------------------------- --compile
+
+# Graphs allowed per compiled tower and run.  Shapes are static (dynamic=False), so each
+# distinct input shape is its own graph: the vision tower's full and short last batch
+# (and, under torchrun, the shard sizes), one per text bucket length, with and without
+# grad.  A few dozen at most; past the limit fullgraph=True raises instead of silently
+# running eager.
+COMPILE_RECOMPILE_LIMIT = 64
+
+
+def compile_targets(model: nn.Module) -> dict[str, nn.Module]:
+    """The modules ``--compile`` compiles, by name: open_clip's own vision tower (ViT or
+    ResNet), and its text tower's block stack (the embedding, pooling and projection stay
+    eager: a few small kernels).  Other families' towers (timm, Hugging Face) stay eager:
+    that they trace whole under ``fullgraph=True`` is not tested."""
+    from open_clip.modified_resnet import ModifiedResNet
+    from open_clip.transformer import TextTransformer, Transformer, VisionTransformer
+
+    targets = {}
+    if isinstance(getattr(model, "visual", None), (VisionTransformer, ModifiedResNet)):
+        targets["visual"] = model.visual
+    if hasattr(model, "token_embedding") and isinstance(getattr(model, "transformer", None), Transformer):
+        targets["transformer"] = model.transformer  # open_clip CLIP: the text tower lives on the model
+    elif isinstance(getattr(model, "text", None), TextTransformer):
+        targets["text.transformer"] = model.text.transformer  # CustomTextCLIP with open_clip's text tower
+    return targets
+
+
+def compile_options(device: torch.device) -> dict[str, Any]:
+    """Inductor options for ``--compile`` on ``device``.
+
+    ``fallback_random``: random ops in the graph call ATen's, as eager does, instead of
+    Inductor's own Philox stream.  The only random op in the towers is the dropout seed
+    (``lora_kernels.draw_seed``: one scalar ``torch.randint`` per projection and step;
+    the masks are hashed from it inside the kernels), so this costs nothing, and a
+    compiled step draws the very seeds, hence masks, that the eager step draws.
+
+    On CUDA, ``reduce-overhead``'s CUDA graphs: every step has the same shapes (same
+    batch, same text buckets), so each graph is captured once and replayed.  Why the
+    layer can be captured: the fused op's CUDA path launches Triton kernels on the
+    current stream with no host sync (the seed is read on the device, ``tl.load``),
+    allocates only through the caching allocator (the graph's private pool), and the
+    dropout seed is ATen's CUDA ``randint``, which is capture-safe: under capture it
+    reads the generator's seed and offset from device memory, and every replay advances
+    the offset, so each step gets fresh seeds.  The warm-up and recording calls consume
+    the generator as one eager call each, so a resumed run (RNG state restored from the
+    checkpoint) draws the seeds an uninterrupted run draws.  Not measured here (no GPU).
+    """
+    import torch._inductor
+
+    options: dict[str, Any] = {"fallback_random": True}
+    if device.type == "cuda":
+        options.update(torch._inductor.list_mode_options("reduce-overhead"))
+    return options
+
+
+@contextlib.contextmanager
+def compiled_towers(model: nn.Module, device: torch.device, *, backend: str | Callable = "inductor") -> Iterator[None]:
+    """Within the block, the towers of ``model`` run through ``torch.compile``.
+
+    What is compiled, and why not the whole step: :func:`train_step` calls
+    ``loss.backward()``, the GradScaler (which reads ``found_inf`` on the host), the
+    LR scheduler (a Python float every step) and, under torchrun, collectives; the
+    text path picks its trimmed length on the host.  None of that traces into one
+    graph, so ``fullgraph=True`` on the step cannot hold.  The towers are where the
+    time goes (every LoRA projection, attention and MLP, forward and backward through
+    AOTAutograd) and they trace whole: ``fullgraph=True`` makes any graph break an
+    error rather than a silent slowdown.  ``dynamic=False``: one graph per shape, which
+    is what CUDA graphs need; a short last batch is one more graph.
+
+    How: each target's ``forward`` is swapped, on the instance, for its compiled
+    version, and restored on exit.  The module tree is untouched (no ``_orig_mod.``
+    wrapper), so parameter names, ``state_dict`` keys, checkpoints and saved adapters
+    are those of the eager model; the evaluation outside the block runs eager.  On exit,
+    ``torch.compiler.reset()`` (see the comment there).
+    """
+    targets = list(compile_targets(model).values())
+    kwargs: dict[str, Any] = {"fullgraph": True, "dynamic": False, "backend": backend}
+    if backend == "inductor":
+        kwargs["options"] = compile_options(device)
+    for module in targets:
+        module.forward = torch.compile(
+            module.forward, recompile_limit=COMPILE_RECOMPILE_LIMIT, isolate_recompiles=True, **kwargs
+        )
+    try:
+        yield
+    finally:
+        for module in targets:
+            if "forward" in vars(module):
+                del module.forward
+        # Drop the compiled graphs (and CUDA-graph pools): the next run in this process
+        # (``reproduce`` trains many) has new modules and compiles afresh, while entries
+        # of dead models would still count toward Dynamo's accumulated recompile limit,
+        # a hard error under fullgraph=True after a few dozen runs.  This resets every
+        # torch.compile cache of the process, the caller's included.
+        torch.compiler.reset()
+
+
 def train_step(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     images: torch.Tensor,
@@ -780,13 +884,18 @@ def train_step(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler,
     world: int = 1,
+    cuda_graphs: bool = False,
 ) -> torch.Tensor:
     """One optimisation step; returns the global batch's mean loss (on the device, no sync).
 
     ``loss_fn(images, labels)`` is this rank's summed loss.  Each rank's share of the
     global mean is back-propagated, the LoRA gradients are summed over ranks, then the
-    scaler (fp16) steps the optimiser and the schedule advances.
+    scaler (fp16) steps the optimiser and the schedule advances.  ``cuda_graphs``: the
+    towers replay CUDA graphs (:func:`compiled_towers` on CUDA); the step boundary is
+    marked so that their outputs of the previous step may be overwritten.
     """
+    if cuda_graphs:
+        torch.compiler.cudagraph_mark_step_begin()
     loss = loss_fn(images, labels) / global_batch
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
@@ -808,6 +917,8 @@ def _train(cfg, rank, world, device, precision, stop_after, log) -> dict[str, An
     main = rank == 0
     ckpt_path = os.path.join(cfg.output, CHECKPOINT_FILE)
     ckpt = read_checkpoint(ckpt_path) if os.path.exists(ckpt_path) else None
+    if ckpt is not None:
+        ckpt["recipe"] = {"compile": False, **ckpt["recipe"]}  # written before --compile existed
     if ckpt is not None and ckpt["recipe"] != cfg.recipe():
         diff = sorted(k for k in cfg.recipe() if ckpt["recipe"].get(k) != cfg.recipe()[k])
         raise ValueError(
@@ -847,6 +958,7 @@ def _train(cfg, rank, world, device, precision, stop_after, log) -> dict[str, An
             f"({cfg.shots} shots, seed {cfg.seed}), {len(data.test)} test images; {total} iterations, "
             f"batch {plan.batch_size} over {world} process(es), {precision} on {device.type}, "
             f"{'fused' if cfg.fused else 'plain'} LoRA {cfg.lora.to_dict()}"
+            + (", towers compiled (torch.compile)" if cfg.compile else "")
         )
 
     model, preprocess_val, tokenizer = build_model(cfg, device)
@@ -1012,42 +1124,49 @@ def _train(cfg, rank, world, device, precision, stop_after, log) -> dict[str, An
     t0 = time.perf_counter()
     seen = 0
     it = start
+    cuda_graphs = cfg.compile and device.type == "cuda"
+    if main and cfg.compile:
+        compiled = ", ".join(compile_targets(model)) or "none (no open_clip tower: all eager)"
+        log(f"torch.compile: {compiled}{' with CUDA graphs' if cuda_graphs else ''}; the first steps compile")
+    towers = compiled_towers(model, device) if cfg.compile else contextlib.nullcontext()
     try:
-        for images, labels in loader:
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            global_batch = len(plan.batch(it))
-            pending.append(
-                train_step(
-                    loss_fn,
-                    images,
-                    labels,
-                    global_batch=global_batch,
-                    params=params,
-                    optimizer=optimizer,
-                    scheduler=scheduler,
-                    scaler=scaler,
-                    world=world,
+        with towers:
+            for images, labels in loader:
+                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                global_batch = len(plan.batch(it))
+                pending.append(
+                    train_step(
+                        loss_fn,
+                        images,
+                        labels,
+                        global_batch=global_batch,
+                        params=params,
+                        optimizer=optimizer,
+                        scheduler=scheduler,
+                        scaler=scaler,
+                        world=world,
+                        cuda_graphs=cuda_graphs,
+                    )
                 )
-            )
-            seen += global_batch
-            it += 1
-            if it % LOSS_CHECK_EVERY == 0 or it == total:
-                flush()
-                if bar is not None:
-                    elapsed = time.perf_counter() - t0
-                    bar.set_postfix(loss=f"{losses[-1]:.4f}", img_s=f"{seen / max(elapsed, 1e-9):.1f}")
-                    bar.update(it - bar.n)
-            if (cfg.checkpoint_every and it % cfg.checkpoint_every == 0 and it < total) or it == stop_after:
-                flush()
-                check_adapters(it)
-                save_checkpoint(it)
-                last_checkpoint = it
-                if main:
-                    log(f"iteration {it}/{total}: loss {losses[-1]:.4f}, lr {scheduler.get_last_lr()[0]:.3e}")
-            if it == stop_after:
-                return {"interrupted": True, "iteration": it}
-        flush()
-        check_adapters(total)
+                seen += global_batch
+                it += 1
+                if it % LOSS_CHECK_EVERY == 0 or it == total:
+                    flush()
+                    if bar is not None:
+                        elapsed = time.perf_counter() - t0
+                        bar.set_postfix(loss=f"{losses[-1]:.4f}", img_s=f"{seen / max(elapsed, 1e-9):.1f}")
+                        bar.update(it - bar.n)
+                if (cfg.checkpoint_every and it % cfg.checkpoint_every == 0 and it < total) or it == stop_after:
+                    flush()
+                    check_adapters(it)
+                    save_checkpoint(it)
+                    last_checkpoint = it
+                    if main:
+                        log(f"iteration {it}/{total}: loss {losses[-1]:.4f}, lr {scheduler.get_last_lr()[0]:.3e}")
+                if it == stop_after:
+                    return {"interrupted": True, "iteration": it}
+            flush()
+            check_adapters(total)
     finally:
         if bar is not None:
             bar.close()
@@ -1069,6 +1188,7 @@ def _train(cfg, rank, world, device, precision, stop_after, log) -> dict[str, An
         "pretrained": cfg.pretrained,
         "activation": mlp_activation(model),
         "fused": cfg.fused,
+        "compile": cfg.compile,
         "lora": cfg.lora.to_dict(),
         "iterations": total,
         "world_size": world,
