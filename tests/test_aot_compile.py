@@ -49,6 +49,15 @@ def _check(rows: list[dict], expected: list) -> None:
             assert r["spill_stores"] == 0 and r["spill_loads"] == 0, f"sm_{r['arch']} {r['name']} spills"
 
 
+def test_default_configurations_compile(tmp_path):
+    # The paper's r=2 configurations (every kernel, dtype, dropout on/off), spill-free.
+    # The wider sweeps below take several minutes of the 2-core CI budget: -m slow.
+    expected = [s for s in launch_specs() if s.is_default]
+    rows = _build(tmp_path, ["--default-only"])
+    _check(rows, expected)
+
+
+@pytest.mark.slow
 def test_every_aligned_configuration_compiles(tmp_path):
     expected = [s for s in launch_specs() if s.aligned or s.is_default]
     rows = _build(tmp_path, ["--aligned-or-default"])
