@@ -193,6 +193,7 @@ def test_bf16_training_run_gives_todays_adapter(tmp_path, monkeypatch):
             output=str(tmp_path / out),
             shots=2,
             model=str(tmp_path / "tiny.json"),
+            pretrained=None,
             precision="bf16",
             lr=1e-2,
             iterations=3,
