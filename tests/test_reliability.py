@@ -23,6 +23,7 @@ import pytest
 import safetensors
 import safetensors.torch
 import torch
+from clip_models import randomize_adapters, tiny_clip
 
 import clip_lora.train as train_mod
 from clip_lora import LoRAConfig, load_adapter, load_base_state_dict, patch_fused, patch_reference, save_adapter
@@ -37,7 +38,6 @@ from clip_lora.errors import (
     RunLockedError,
 )
 from clip_lora.train import ADAPTER_FILE, CHECKPOINT_FILE, METRICS_FILE, TrainConfig, train
-from tests.clip_models import randomize_adapters, tiny_clip
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {
