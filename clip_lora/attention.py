@@ -118,7 +118,39 @@ def _attention_form(attn: nn.Module) -> str:
     )
 
 
-class LoRAAttention(nn.Module):
+class MergeableLoRA(nn.Module):
+    """Merge/unmerge shared by :class:`LoRAAttention` and :class:`~clip_lora.linear.LoRALinear`.
+
+    A subclass has ``scale``, ``lora_A``/``lora_B`` (per projection name), ``merged``,
+    ``_unmerged`` (a dict) and ``_targets()``: ``{name: (frozen weight, its rows)}``.
+    """
+
+    def delta(self, name: str) -> torch.Tensor:
+        """``scale · B A`` of projection ``name`` (fp32): what merging adds to its weight rows."""
+        return self.scale * (self.lora_B[name].detach().float() @ self.lora_A[name].detach().float())
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold ``scale·B A`` into the frozen weights; forward then runs plain GEMMs.  The
+        original rows are kept so :meth:`unmerge` restores them bit for bit."""
+        if self.merged:
+            return
+        for p, (weight, rows) in self._targets().items():
+            self._unmerged[p] = weight[rows].clone()
+            weight[rows] = (weight[rows].float() + self.delta(p)).to(weight.dtype)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo :meth:`merge` exactly (restores the saved rows, no subtraction)."""
+        if not self.merged:
+            return
+        for p, (weight, rows) in self._targets().items():
+            weight[rows] = self._unmerged.pop(p).to(device=weight.device, dtype=weight.dtype)
+        self.merged = False
+
+
+class LoRAAttention(MergeableLoRA):
     """Self-attention with LoRA on the chosen projections (see the module docstring).
 
     Args:
@@ -259,10 +291,6 @@ class LoRAAttention(nn.Module):
             p: (self.out_proj.weight, slice(None)) if p == "o" else (self.in_proj_weight, rows[p]) for p in self.params
         }
 
-    def delta(self, name: str) -> torch.Tensor:
-        """``scale · B A`` of projection ``name`` (fp32): what merging adds to its weight rows."""
-        return self.scale * (self.lora_B[name].detach().float() @ self.lora_A[name].detach().float())
-
     def merged_weights(self) -> dict[str, torch.Tensor]:
         """The frozen weights with the adapters folded in, keyed by their parameter names;
         the module is not changed."""
@@ -278,26 +306,6 @@ class LoRAAttention(nn.Module):
             w = out.setdefault(key, weight.detach().clone())
             w[rows] = (w[rows].float() + self.delta(p)).to(w.dtype)
         return out
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold ``scale·B A`` into the frozen weights; forward then runs plain GEMMs.  The
-        original rows are kept so :meth:`unmerge` restores them bit for bit."""
-        if self.merged:
-            return
-        for p, (weight, rows) in self._targets().items():
-            self._unmerged[p] = weight[rows].clone()
-            weight[rows] = (weight[rows].float() + self.delta(p)).to(weight.dtype)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Undo :meth:`merge` exactly (restores the saved rows, no subtraction)."""
-        if not self.merged:
-            return
-        for p, (weight, rows) in self._targets().items():
-            weight[rows] = self._unmerged.pop(p).to(device=weight.device, dtype=weight.dtype)
-        self.merged = False
 
     def original(self) -> nn.Module:
         """The module this one replaced, with the current (unmerged) frozen weights."""

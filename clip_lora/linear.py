@@ -27,10 +27,10 @@ import torch.nn.functional as F
 
 import lora_kernels
 
-from .attention import PROVIDERS
+from .attention import PROVIDERS, MergeableLoRA
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(MergeableLoRA):
     """An ``nn.Linear`` with LoRA on some of its output slots.
 
     Args:
@@ -110,9 +110,8 @@ class LoRALinear(nn.Module):
         i = self.slots.index(name)
         return slice(i * self.slot_size, (i + 1) * self.slot_size)
 
-    def delta(self, name: str) -> torch.Tensor:
-        """``scale · B A`` of slot ``name`` (fp32): what merging adds to its weight rows."""
-        return self.scale * (self.lora_B[name].detach().float() @ self.lora_A[name].detach().float())
+    def _targets(self) -> dict[str, tuple[torch.Tensor, slice]]:
+        return {p: (self.weight, self._rows(p)) for p in self.params}
 
     def merged_weights(self) -> dict[str, torch.Tensor]:
         """``{"weight": W + scale·B A on the adapted rows}``; the module is not changed."""
@@ -122,27 +121,6 @@ class LoRALinear(nn.Module):
                 rows = self._rows(p)
                 w[rows] = (w[rows].float() + self.delta(p)).to(w.dtype)
         return {"weight": w}
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold ``scale·B A`` into the frozen weight; the original rows are kept so
-        :meth:`unmerge` restores them bit for bit."""
-        if self.merged:
-            return
-        for p in self.params:
-            rows = self._rows(p)
-            self._unmerged[p] = self.weight[rows].clone()
-            self.weight[rows] = (self.weight[rows].float() + self.delta(p)).to(self.weight.dtype)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Undo :meth:`merge` exactly (restores the saved rows, no subtraction)."""
-        if not self.merged:
-            return
-        for p in self.params:
-            self.weight[self._rows(p)] = self._unmerged.pop(p).to(device=self.weight.device, dtype=self.weight.dtype)
-        self.merged = False
 
     def original(self) -> nn.Linear:
         """The Linear this one replaced, with the current (unmerged) frozen weights."""
