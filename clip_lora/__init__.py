@@ -15,6 +15,7 @@ from .model import create_model
 from .patch import (
     count_trainable,
     load_base_state_dict,
+    lora_grads,
     lora_parameters,
     lora_state_dict,
     merge,
@@ -38,6 +39,7 @@ __all__ = [
     "load_adapter",
     "load_base_state_dict",
     "load_official_adapter",
+    "lora_grads",
     "lora_parameters",
     "lora_state_dict",
     "merge",

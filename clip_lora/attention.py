@@ -35,6 +35,8 @@ import torch.nn.functional as F
 
 import lora_kernels
 
+from .slots import SlotAdapters
+
 QKV = ("q", "k", "v")
 PROVIDERS = ("fused", "plain")
 
@@ -202,30 +204,44 @@ class LoRAAttention(MergeableLoRA):
         # A tuple hides the original from .modules()/.state_dict(); unpatch puts it back.
         self._original = (attn,)
 
-        weight = attn.in_proj_weight
+        device = attn.in_proj_weight.device
         d = self.embed_dim
-        # fp32 master adapters whatever the frozen dtype (DESIGN §3 precision).
-        self.lora_A = nn.ParameterDict(
-            {p: nn.Parameter(torch.empty(self.r, d, device=weight.device, dtype=torch.float32)) for p in self.params}
+        # The fused provider keeps q/k/v's adapters packed (one A and one B Parameter when
+        # all three are adapted): no per-call cat, two autograd leaves (clip_lora.slots).
+        # The plain baseline keeps one Parameter per projection, as PEFT does.
+        groups, names = (QKV, ("o",)), (*QKV, "o")
+        packed = provider == "fused"
+        self.lora_A = SlotAdapters(
+            groups, self.params, dict.fromkeys(names, self.r), d, packed=packed, init="kaiming", device=device
         )
-        self.lora_B = nn.ParameterDict(
-            {p: nn.Parameter(torch.zeros(d, self.r, device=weight.device, dtype=torch.float32)) for p in self.params}
+        self.lora_B = SlotAdapters(
+            groups, self.params, dict.fromkeys(names, d), self.r, packed=packed, init="zeros", device=device
         )
-        for a in self.lora_A.values():
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # B = 0: a fresh adapter changes nothing
+        # Checked once here; each call checks only shapes, dtypes and devices.
+        self._layouts = {
+            g: lora_kernels.slot_layout(d, [d] * len(g), self.r) for g in groups if self.lora_A.packed(g) is not None
+        }
         self.merged = False
         self._unmerged: dict[str, torch.Tensor] = {}
         self.train(attn.training)  # a patched eval model stays in eval mode
 
     # -- projections ---------------------------------------------------------
 
-    def _project(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, names: Sequence[str]):
+    def _project(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, names: tuple[str, ...]):
         """One (possibly packed) projection; slot s of the output belongs to ``names[s]``."""
-        lora_a = [self.lora_A[n] if n in self.lora_A else None for n in names]
-        if self.merged or all(a is None for a in lora_a):
+        if self.merged or not any(n in self.lora_A for n in names):
             return F.linear(x, weight, bias)
-        lora_b = [self.lora_B[n] if n in self.lora_B else None for n in names]
         p = self.dropout if self.training else 0.0
+        a_cat = self.lora_A.packed(names) if self.provider == "fused" else None
+        if a_cat is not None:
+            # The per-step path: adapters already packed, layout checked at construction.
+            seed = lora_kernels.draw_seed(x.device) if p > 0 else None
+            return lora_kernels.lora_linear_packed(
+                x, weight, bias, lora_a=a_cat, lora_b=self.lora_B.packed(names), layout=self._layouts[names],
+                scale=self.scale, dropout_p=p, seed=seed,
+            )
+        lora_a = [self.lora_A[n] if n in self.lora_A else None for n in names]
+        lora_b = [self.lora_B[n] if n in self.lora_B else None for n in names]
         if self.provider == "plain":
             return lora_kernels.plain_lora_linear(
                 x, weight, bias, lora_a=lora_a, lora_b=lora_b, scale=self.scale, dropout_p=p, training=self.training

@@ -18,7 +18,6 @@ original names, so state-dict keys do not change; the adapters are the extra key
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 import lora_kernels
 
 from .attention import PROVIDERS, MergeableLoRA
+from .slots import SlotAdapters
 
 
 class LoRALinear(MergeableLoRA):
@@ -73,16 +73,23 @@ class LoRALinear(MergeableLoRA):
         # A tuple hides the original from .modules()/.state_dict(); unpatch puts it back.
         self._original = (linear,)
         device = linear.weight.device
-        # fp32 master adapters whatever the frozen dtype (DESIGN §3 precision).
-        a_shape, b_shape = (self.r, self.in_features), (self.slot_size, self.r)
-        self.lora_A = nn.ParameterDict(
-            {p: nn.Parameter(torch.empty(a_shape, device=device, dtype=torch.float32)) for p in self.params}
+        # Fused: the slots' adapters packed when all are adapted (see clip_lora.slots).
+        packed = provider == "fused"
+        groups = (self.slots,)
+        self.lora_A = SlotAdapters(
+            groups, self.params, dict.fromkeys(self.slots, self.r), self.in_features,
+            packed=packed, init="kaiming", device=device,
         )
-        self.lora_B = nn.ParameterDict(
-            {p: nn.Parameter(torch.zeros(b_shape, device=device, dtype=torch.float32)) for p in self.params}
+        self.lora_B = SlotAdapters(
+            groups, self.params, dict.fromkeys(self.slots, self.slot_size), self.r,
+            packed=packed, init="zeros", device=device,
         )
-        for a in self.lora_A.values():
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # B = 0: a fresh adapter changes nothing
+        # Checked once here; each call checks only shapes, dtypes and devices.
+        self._layout = (
+            lora_kernels.slot_layout(self.in_features, [self.slot_size] * len(self.slots), self.r)
+            if self.lora_A.packed(self.slots) is not None
+            else None
+        )
         self.merged = False
         self._unmerged: dict[str, torch.Tensor] = {}
         self.train(linear.training)
@@ -90,9 +97,16 @@ class LoRALinear(MergeableLoRA):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return F.linear(x, self.weight, self.bias)
+        p = self.dropout if self.training else 0.0
+        if self._layout is not None and self.provider == "fused":
+            # The per-step path: adapters already packed, layout checked at construction.
+            seed = lora_kernels.draw_seed(x.device) if p > 0 else None
+            return lora_kernels.lora_linear_packed(
+                x, self.weight, self.bias, lora_a=self.lora_A.packed(self.slots),
+                lora_b=self.lora_B.packed(self.slots), layout=self._layout, scale=self.scale, dropout_p=p, seed=seed,
+            )
         lora_a = [self.lora_A[s] if s in self.lora_A else None for s in self.slots]
         lora_b = [self.lora_B[s] if s in self.lora_B else None for s in self.slots]
-        p = self.dropout if self.training else 0.0
         if self.provider == "plain":
             return lora_kernels.plain_lora_linear(
                 x, self.weight, self.bias, lora_a=lora_a, lora_b=lora_b, scale=self.scale, dropout_p=p,

@@ -169,8 +169,21 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Every adapter parameter (A then B per module): what the optimiser trains."""
-    return [p for _, m in lora_modules(model) for d in (m.lora_A, m.lora_B) for p in d.values()]
+    """Every adapter parameter (A then B per module): what the optimiser trains.  With the
+    fused provider a packed projection's slots are one Parameter (clip_lora.slots); use
+    :func:`lora_grads` for per-slot gradients."""
+    return [p for _, m in lora_modules(model) for d in (m.lora_A, m.lora_B) for p in d.parameters()]
+
+
+def lora_grads(model: nn.Module) -> dict[str, torch.Tensor | None]:
+    """The gradient of every adapter tensor, under its state-dict key (as
+    :func:`lora_state_dict`), whether the module stores its slots packed or apart."""
+    return {
+        f"{name}.{kind}.{p}": getattr(m, kind).grad(p)
+        for name, m in lora_modules(model)
+        for kind in ("lora_A", "lora_B")
+        for p in m.params
+    }
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

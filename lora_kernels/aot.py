@@ -37,7 +37,7 @@ _KERNEL_FNS = {
 # dtype, fp32 workspaces, or the int64 seed.
 _ACT_PTRS = {"x_ptr", "w_ptr", "bias_ptr", "y_ptr", "dy_ptr", "dx_ptr"}
 _PARAM_PTRS = {"a_ptr", "b_ptr"}
-_F32_PTRS = {"h_ptr", "da_part_ptr", "db_part_ptr"}
+_F32_PTRS = {"h_ptr", "part_ptr"}
 _FLOAT_ARGS = {"scale", "keep_scale"}
 # Contiguous tensors have unit inner strides, which Triton's JIT specialises to the
 # constant 1 at launch; the AOT build does the same so it compiles what runs.

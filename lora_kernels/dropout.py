@@ -74,6 +74,8 @@ def check_seed(seed, name: str = "seed"):
     A tensor is not read on the host (no device sync).
     """
     if isinstance(seed, torch.Tensor):
+        if seed.dtype == torch.int64 and seed.dim() == 0:
+            return seed  # what draw_seed returns: nothing to convert (host time per call)
         if seed.dtype not in _SEED_DTYPES:
             raise TypeError(f"{name} tensor must have an integer dtype (int64 or narrower), got {seed.dtype}")
         if seed.numel() != 1:

@@ -44,12 +44,14 @@ launchers, ``torch.library`` custom ops with autograd, keyword-only entry point.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import numbers
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -270,10 +272,10 @@ def _lora_forward_kernel(
 
 @triton.jit
 def _lora_backward_kernel(
-    dy_ptr, w_ptr, x_ptr, h_ptr, a_ptr, b_ptr, seed_ptr, dx_ptr, da_part_ptr, db_part_ptr,
+    dy_ptr, w_ptr, x_ptr, h_ptr, a_ptr, b_ptr, seed_ptr, dx_ptr, part_ptr,
     M, N, K, R, num_slots, adapted, bound1, bound2, scale, threshold, keep_scale,
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_xm, stride_xk,
-    stride_am, stride_ak, stride_bn, stride_br, stride_dxm, stride_dxk,
+    stride_am, stride_ak, stride_bn, stride_br, stride_dxm, stride_dxk, stride_part,
     HAS_DROPOUT: tl.constexpr, SR_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -283,7 +285,9 @@ def _lora_backward_kernel(
     Program (pid_m, pid_k) owns the dX tile [BLOCK_M, BLOCK_K].  Its loop over N
     (the reduction) also accumulates dH for its rows; N-tile t's dB partial for these
     rows is computed by the one program with pid_k == t % num_pid_k, so the dB work is
-    spread evenly and each partial is written exactly once (no atomics).
+    spread evenly and each partial is written exactly once (no atomics).  Row pid_m of
+    the partials holds this row tile's dA [S·R, K] then its dB [N, R] (``stride_part``
+    apart), so one reduction sums both; every element is written, absent slots' dA as 0.
     """
     pid_m, pid_k, num_pid_k = _tile_ids(tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
     dt = x_ptr.dtype.element_ty
@@ -322,8 +326,8 @@ def _lora_backward_kernel(
         dh += tl.where(in_slot[None, :], tl.dot(dy, b.to(dt), input_precision=DOT_PRECISION), 0.0)
         if t % num_pid_k == pid_k:
             db = tl.dot(tl.trans(dy), h, input_precision=DOT_PRECISION) * scale
-            db_off = pid_m.to(tl.int64) * N * R + offs_n[:, None] * R + (offs_i % R)[None, :]
-            tl.store(db_part_ptr + db_off, db, mask=sel)
+            db_off = pid_m.to(tl.int64) * stride_part + offs_n[:, None] * R + (offs_i % R)[None, :]
+            tl.store(part_ptr + SR * K + db_off, db, mask=sel)
     dh = dh * scale
     dh_lo = dh.to(dt)  # operand of the dA dot, whose other side is the X tile
 
@@ -334,12 +338,12 @@ def _lora_backward_kernel(
         other=0.0,
     )
     a_ptrs = a_ptr + offs_i[:, None] * stride_am + offs_k[None, :] * stride_ak
-    da_ptrs = da_part_ptr + pid_m.to(tl.int64) * SR * K + offs_i[:, None] * K + offs_k[None, :]
+    da_ptrs = part_ptr + pid_m.to(tl.int64) * stride_part + offs_i[:, None] * K + offs_k[None, :]
     if HAS_DROPOUT:
         h = tile_hash(row_hash(fold_seed(tl.load(seed_ptr)), offs_m), offs_k)
         for s in range(num_slots):
+            in_slot = (offs_i >= s * R) & (offs_i < s * R + R)
             if (adapted >> s) & 1:
-                in_slot = (offs_i >= s * R) & (offs_i < s * R + R)
                 a = tl.load(a_ptrs, mask=in_slot[:, None] & k_ok[None, :], other=0.0)
                 keep = slot_keep(h, s, threshold)
                 # Multiply by the mask, as autograd of x·mask does: NaN stays NaN.
@@ -347,6 +351,9 @@ def _lora_backward_kernel(
                 acc += up * (keep.to(tl.float32) * keep_scale)
                 da = tl.dot(tl.trans(dh_lo), x * keep.to(dt), input_precision=DOT_PRECISION)
                 tl.store(da_ptrs, da * keep_scale, mask=in_slot[:, None] & k_ok[None, :])
+            else:
+                # The partials are not zero-filled: an absent slot's rows are written as 0.
+                tl.store(da_ptrs, tl.zeros((SR_PAD, BLOCK_K), dtype=tl.float32), mask=in_slot[:, None] & k_ok[None, :])
     else:
         a = tl.load(a_ptrs, mask=i_ok[:, None] & k_ok[None, :], other=0.0)
         acc += tl.dot(dh, a.to(tl.float32), input_precision=DOT_PRECISION)
@@ -375,9 +382,15 @@ KERNELS = ("shrink", "forward", "backward")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def _cdiv(a: int, b: int) -> int:
+    # Host arithmetic in plain Python: triton.cdiv is a ConstexprFunction costing ~2 µs
+    # a call, several per launch (host time per call, bench/host_path.py).
+    return -(-a // b)
+
+
 def sr_pad(num_slots: int, rank: int) -> int:
     """Adapter width padded to a power of two >= 16: tensor-core dots need K >= 16."""
-    return max(16, triton.next_power_of_2(num_slots * rank))
+    return max(16, 1 << (num_slots * rank - 1).bit_length())
 
 
 def all_sr_pads() -> list[int]:
@@ -432,7 +445,7 @@ def _bounds(slot_bounds: Sequence[int], N: int) -> list[int]:
 def _count_slot_tiles(slot_bounds: Sequence[int], block_n: int) -> int:
     # Host twin of the kernels' _num_slot_tiles: each slot is tiled on its own.
     starts = [0, *slot_bounds[:-1]]
-    return sum(triton.cdiv(hi - lo, block_n) for lo, hi in zip(starts, slot_bounds))
+    return sum(_cdiv(hi - lo, block_n) for lo, hi in zip(starts, slot_bounds))
 
 
 _INT32_REACH = 2**31
@@ -446,47 +459,87 @@ def _addressable(t: torch.Tensor, wide_dims: tuple[int, ...] = (0,)) -> torch.Te
     arithmetic 32-bit.  Only a layout whose int32 part reaches 2^31 elements (e.g. a
     transposed x of more than 2^31 elements) is copied; contiguous tensors never are.
     """
+    if t.numel() < _INT32_REACH and t.is_contiguous():
+        return t  # the common case, decided without a Python loop (host time per call)
     reach = sum((n - 1) * st for d, (n, st) in enumerate(zip(t.shape, t.stride())) if d not in wide_dims)
     return t if reach < _INT32_REACH else t.contiguous()
 
 
-def _launch_args(x, weight, lora_a, lora_b, seed):
-    # Any layout the ops accept; the seed is read as int64 by the kernels.
-    return (
-        _addressable(x), _addressable(weight), _addressable(lora_a, ()), _addressable(lora_b, ()),
-        seed.reshape(()).to(torch.int64),
+def _operands(x, weight, lora_a, lora_b):
+    # Any layout the ops accept (strides are passed); copies only what int32 offsets
+    # cannot reach.  The common case (all contiguous) is decided in one expression.
+    if x.is_contiguous() and weight.is_contiguous() and lora_a.is_contiguous() and lora_b.is_contiguous():
+        if max(x.shape[1], weight.shape[1], lora_a.numel(), lora_b.numel()) < _INT32_REACH:
+            return x, weight, lora_a, lora_b
+    return _addressable(x), _addressable(weight), _addressable(lora_a, ()), _addressable(lora_b, ())
+
+
+class _Launch(NamedTuple):
+    """Everything about the three launches that depends only on shapes, dtype and p."""
+
+    S: int
+    SR: int
+    srp: int
+    shrink: TileConfig
+    forward: TileConfig
+    backward: TileConfig
+    shrink_grid: tuple[int]
+    forward_grid: tuple[int]
+    backward_grid: tuple[int]
+    backward_rows: int  # row tiles of the backward: rows of the partials
+    bound1: int
+    bound2: int
+    threshold: int
+    keep: float
+    precision: str
+
+
+@functools.lru_cache(maxsize=4096)
+def _launch(M: int, K: int, N: int, R: int, slot_bounds: tuple[int, ...], dtype: torch.dtype, p: float) -> _Launch:
+    # Cached: a training run repeats a handful of shapes (one per projection and text
+    # bucket), and computing this per call was a sizeable part of the host time.
+    S = len(slot_bounds)
+    srp = sr_pad(S, R)
+    shrink, forward, backward = (tile_config(k, dtype, srp) for k in KERNELS)
+    b1, b2 = _bounds(slot_bounds, N)
+    rows = _cdiv(M, backward.block_m)
+    return _Launch(
+        S=S, SR=S * R, srp=srp, shrink=shrink, forward=forward, backward=backward,
+        shrink_grid=(_cdiv(M, shrink.block_m),),
+        forward_grid=(_cdiv(M, forward.block_m) * _count_slot_tiles(slot_bounds, forward.block_n),),
+        backward_grid=(rows * _cdiv(K, backward.block_k),),
+        backward_rows=rows, bound1=b1, bound2=b2,
+        threshold=keep_threshold(p), keep=keep_scale(p), precision=_dot_precision(dtype),
     )
 
 
 def _triton_forward(x, weight, bias, lora_a, lora_b, seed, slot_bounds, adapted, scale, p):
+    """Launches the shrink and the GEMM; ``seed`` is a 0-d int64 tensor (unread without dropout)."""
     M, K = x.shape
-    N = weight.shape[0]
-    S, R = len(slot_bounds), lora_b.shape[1]
-    srp = sr_pad(S, R)
-    has_dropout = p > 0.0
-    x, weight, lora_a, lora_b, seed = _launch_args(x, weight, lora_a, lora_b, seed)
+    N, R = weight.shape[0], lora_b.shape[1]
+    L = _launch(M, K, N, R, tuple(slot_bounds), x.dtype, p)
+    x, weight, lora_a, lora_b = _operands(x, weight, lora_a, lora_b)
     # The bias is read with unit stride; it is N values, so a copy costs nothing.
     bias = bias.contiguous() if bias is not None else None
-    h = torch.empty(M, S * R, device=x.device, dtype=torch.float32)
-    cfg = tile_config("shrink", x.dtype, srp)
-    _lora_shrink_kernel[(triton.cdiv(M, cfg.block_m),)](
+    h = torch.empty((M, L.SR), device=x.device, dtype=torch.float32)
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    sx, sa, sb = x.stride(), lora_a.stride(), lora_b.stride()
+    cfg = L.shrink
+    _lora_shrink_kernel[L.shrink_grid](
         x, lora_a, h, seed,
-        M, K, R, S, adapted, keep_threshold(p), keep_scale(p),
-        x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1),
-        HAS_DROPOUT=has_dropout, SR_PAD=srp, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k,
-        DOT_PRECISION=_dot_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        M, K, R, L.S, adapted, L.threshold, L.keep,
+        sx[0], sx[1], sa[0], sa[1],
+        HAS_DROPOUT=p > 0.0, SR_PAD=L.srp, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k,
+        DOT_PRECISION=L.precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    cfg = tile_config("forward", x.dtype, srp)
-    grid = (triton.cdiv(M, cfg.block_m) * _count_slot_tiles(slot_bounds, cfg.block_n),)
-    b1, b2 = _bounds(slot_bounds, N)
-    _lora_forward_kernel[grid](
+    cfg = L.forward
+    sw = weight.stride()
+    _lora_forward_kernel[L.forward_grid](
         x, weight, bias if bias is not None else x, h, lora_b, y,
-        M, N, K, R, S * R, b1, b2, float(scale),
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-        lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1),
-        HAS_BIAS=bias is not None, SR_PAD=srp, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, DOT_PRECISION=_dot_precision(x.dtype),
+        M, N, K, R, L.SR, L.bound1, L.bound2, scale,
+        sx[0], sx[1], sw[0], sw[1], sb[0], sb[1], N, 1,
+        HAS_BIAS=bias is not None, SR_PAD=L.srp, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, DOT_PRECISION=L.precision,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y, h
@@ -494,34 +547,36 @@ def _triton_forward(x, weight, bias, lora_a, lora_b, seed, slot_bounds, adapted,
 
 def _triton_backward(dy, x, weight, h, lora_a, lora_b, seed, slot_bounds, adapted, scale, p):
     M, K = x.shape
-    N = weight.shape[0]
-    S, R = len(slot_bounds), lora_b.shape[1]
-    srp = sr_pad(S, R)
-    x, weight, lora_a, lora_b, seed = _launch_args(x, weight, lora_a, lora_b, seed)
+    N, R = weight.shape[0], lora_b.shape[1]
+    L = _launch(M, K, N, R, tuple(slot_bounds), x.dtype, p)
+    x, weight, lora_a, lora_b = _operands(x, weight, lora_a, lora_b)
     dy = _addressable(dy)
     h = h.contiguous()  # read with row stride S·R
-    cfg = tile_config("backward", x.dtype, srp)
-    num_pid_m = triton.cdiv(M, cfg.block_m)
-    dx = torch.empty(M, K, device=x.device, dtype=x.dtype)
-    # Partials are reduced below with torch.sum in a fixed order: deterministic, and
-    # small (M/BLOCK_M × (S·R·K + N·R) fp32).  dA rows of absent slots are never
-    # written, hence zeros; every dB entry is written exactly once.
-    da_part = torch.zeros(num_pid_m, S * R, K, device=x.device, dtype=torch.float32)
-    db_part = torch.empty(num_pid_m, N, R, device=x.device, dtype=torch.float32)
-    b1, b2 = _bounds(slot_bounds, N)
-    grid = (num_pid_m * triton.cdiv(K, cfg.block_k),)
-    _lora_backward_kernel[grid](
-        dy, weight, x, h, lora_a, lora_b, seed, dx, da_part, db_part,
-        M, N, K, R, S, adapted, b1, b2, float(scale), keep_threshold(p), keep_scale(p),
-        dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), x.stride(0), x.stride(1),
-        lora_a.stride(0), lora_a.stride(1), lora_b.stride(0), lora_b.stride(1),
-        dx.stride(0), dx.stride(1),
-        HAS_DROPOUT=p > 0.0, SR_PAD=srp, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, DOT_PRECISION=_dot_precision(x.dtype),
+    dx = torch.empty((M, K), device=x.device, dtype=x.dtype)
+    # Partials, reduced below by ONE torch.sum in a fixed order (deterministic): row
+    # pid_m holds that row tile's dA [S·R, K] and then its dB [N, R]; small
+    # (M/BLOCK_M × (S·R·K + N·R) fp32).  The kernel writes every element (absent
+    # slots' dA as zeros), so no zero-fill.
+    srk = L.SR * K
+    width = srk + N * R
+    part = torch.empty((L.backward_rows, width), device=x.device, dtype=torch.float32)
+    sdy, sw, sx, sa, sb = dy.stride(), weight.stride(), x.stride(), lora_a.stride(), lora_b.stride()
+    cfg = L.backward
+    _lora_backward_kernel[L.backward_grid](
+        dy, weight, x, h, lora_a, lora_b, seed, dx, part,
+        M, N, K, R, L.S, adapted, L.bound1, L.bound2, scale, L.threshold, L.keep,
+        sdy[0], sdy[1], sw[0], sw[1], sx[0], sx[1], sa[0], sa[1], sb[0], sb[1], K, 1, width,
+        HAS_DROPOUT=p > 0.0, SR_PAD=L.srp, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, DOT_PRECISION=L.precision,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    da = da_part.sum(0).to(lora_a.dtype)
-    db = db_part.sum(0).to(lora_b.dtype)
+    total = part.sum(0)
+    da = total[:srk].view(L.SR, K)
+    db = total[srk:].view(N, R)
+    if da.dtype != lora_a.dtype:
+        da = da.to(lora_a.dtype)
+    if db.dtype != lora_b.dtype:
+        db = db.to(lora_b.dtype)
     return dx, da, db
 
 
@@ -577,7 +632,12 @@ def lora_linear_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dX, dA_cat, dB_cat) in the dtypes of x, lora_a and lora_b."""
     impl = _triton_backward if use_triton else _torch_backward
-    return impl(dy, x, weight, h, lora_a, lora_b, seed, slot_bounds, adapted, scale, dropout_p)
+    dx, da, db = impl(dy, x, weight, h, lora_a, lora_b, seed, slot_bounds, adapted, scale, dropout_p)
+    if da.untyped_storage().data_ptr() == db.untyped_storage().data_ptr():
+        # One reduction leaves dA and dB as views of one buffer; a custom op's outputs
+        # may not alias.  Only traced code takes this op, where the copy is in the graph.
+        db = db.clone()
+    return dx, da, db
 
 
 @lora_linear_bwd.register_fake
@@ -603,6 +663,44 @@ def _backward(ctx, dy, _dh):
 
 
 lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _LoRALinearFunction(torch.autograd.Function):
+    """The same forward and backward as the custom ops above, for eager calls.
+
+    Why two doors to one implementation: ``torch.compile`` needs the custom op (an
+    opaque node with a fake implementation, no graph break), but in eager mode the
+    op's dispatch and ``register_autograd`` wrapper cost more host time per call than
+    everything else the layer does (``python -m bench.host_path``, CPU, kernels
+    stubbed: one fused forward+backward through the op is about 3.5x the time of the
+    same call through this Function; bench/NOTES.md section 7).  On a GPU the
+    projections take tens of microseconds, so eager training would be host-bound.
+    Eager calls therefore come here; traced calls take the op (see
+    :func:`_lora_linear_core`).  Both run the very same ``_triton_*``/``_torch_*``
+    functions, so they agree bit for bit (tested).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, seed, launch):
+        slot_bounds, adapted, scale, p, use_triton = launch
+        impl = _triton_forward if use_triton else _torch_forward
+        y, h = impl(x, weight, bias, lora_a, lora_b, seed, slot_bounds, adapted, scale, p)
+        ctx.save_for_backward(x, weight, h, lora_a, lora_b, seed)
+        ctx.launch = launch
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, weight, h, lora_a, lora_b, seed = ctx.saved_tensors
+        slot_bounds, adapted, scale, p, use_triton = ctx.launch
+        impl = _triton_backward if use_triton else _torch_backward
+        dx, da, db = impl(dy.contiguous(), x, weight, h, lora_a, lora_b, seed, slot_bounds, adapted, scale, p)
+        return dx, None, None, da, db, None, None
+
+
+# Benchmarks set this to time eager calls through the custom op (bench/host_path.py).
+EAGER_VIA_CUSTOM_OP = False
 
 
 # =============================================================================
@@ -759,11 +857,163 @@ def lora_linear(
     slot_sizes, R, scale, dropout_p = _validate(x, weight, bias, lora_a, lora_b, slot_sizes, scale, dropout_p)
     if seed is not None:
         seed = check_seed(seed)
+    _check_frozen(weight, bias)
+    K = weight.shape[1]
+    adapted = sum(1 << s for s, a in enumerate(lora_a) if a is not None)
+    # Packing the adapters is no compute: autocast must not re-type it (fp16 masters
+    # under bf16 autocast crash its cat); the kernels cast A and B themselves.  Modules
+    # that call every step keep them packed instead (lora_linear_packed).
+    with torch.autocast(x.device.type, enabled=False):
+        a_cat = torch.cat([a if a is not None else x.new_zeros(R, K, dtype=_param_dtype(lora_a)) for a in lora_a])
+        b_cat = torch.cat(
+            [b if b is not None else x.new_zeros(n, R, dtype=_param_dtype(lora_b)) for b, n in zip(lora_b, slot_sizes)]
+        )
+    bounds = tuple(itertools.accumulate(slot_sizes))
+    return _lora_linear_core(x, weight, bias, a_cat, b_cat, seed, bounds, adapted, scale, dropout_p, backend)
+
+
+@dataclass(frozen=True)
+class SlotLayout:
+    """The slots of a packed projection, checked once by :func:`slot_layout`.
+
+    ``bounds`` are the slots' end columns; ``adapted`` has bit s set when slot s has an
+    adapter.  A module that runs the same projection every step builds this once and
+    passes it to :func:`lora_linear_packed` with its packed adapters.
+    """
+
+    in_features: int
+    slot_sizes: tuple[int, ...]
+    rank: int
+    adapted: int
+    bounds: tuple[int, ...]
+
+    @property
+    def out_features(self) -> int:
+        return self.bounds[-1]
+
+    @property
+    def a_shape(self) -> tuple[int, int]:
+        return len(self.slot_sizes) * self.rank, self.in_features
+
+    @property
+    def b_shape(self) -> tuple[int, int]:
+        return self.bounds[-1], self.rank
+
+
+def slot_layout(
+    in_features: int, slot_sizes: Sequence[int], rank: int, adapted: Sequence[bool] | None = None
+) -> SlotLayout:
+    """Check and freeze a packed projection's layout (see :class:`SlotLayout`).
+
+    Args:
+        in_features: K, the input width.
+        slot_sizes: the output columns of each slot (1 to MAX_SLOTS slots).
+        rank: the adapters' rank r (1 to MAX_RANK).
+        adapted: per slot, whether it has an adapter (default: all).  The packed A holds
+            r rows for every slot and the packed B every output row; an absent slot's
+            rows must be zero.
+    """
+    sizes = _check_sizes(slot_sizes)
+    if not 1 <= len(sizes) <= MAX_SLOTS or any(n <= 0 for n in sizes):
+        raise ValueError(f"slot_sizes must be 1 to {MAX_SLOTS} positive sizes, got {sizes}")
+    for name, value in (("in_features", in_features), ("rank", rank)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not 1 <= rank <= MAX_RANK:
+        raise ValueError(f"rank must be in 1..{MAX_RANK}, got {rank}")
+    flags = [True] * len(sizes) if adapted is None else [bool(f) for f in adapted]
+    if len(flags) != len(sizes) or not any(flags):
+        raise ValueError(f"adapted must give one flag per slot ({len(sizes)}) with at least one True, got {adapted}")
+    return SlotLayout(
+        in_features=int(in_features),
+        slot_sizes=tuple(sizes),
+        rank=int(rank),
+        adapted=sum(1 << s for s, f in enumerate(flags) if f),
+        bounds=tuple(itertools.accumulate(sizes)),
+    )
+
+
+def lora_linear_packed(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    layout: SlotLayout,
+    scale: float,
+    dropout_p: float = 0.0,
+    seed: int | torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """:func:`lora_linear` with the adapters already packed: the per-step path of a module.
+
+    ``lora_a`` is ``A_cat [S·r, K]`` (slot s in rows ``s·r … s·r+r``) and ``lora_b`` is
+    ``B_cat [N, r]`` (slot s in its output rows), kept packed between steps (e.g. as one
+    Parameter each), so a call concatenates nothing and autograd has two adapter leaves,
+    not 2·S.  The layout was checked once by :func:`slot_layout`; each call checks only
+    what can change between calls: shapes, dtypes and devices of the tensors.  Other
+    arguments as in :func:`lora_linear`.
+    """
+    if not isinstance(layout, SlotLayout):
+        raise TypeError(f"layout must be a SlotLayout from lora_kernels.slot_layout, got {type(layout).__name__}")
+    # Checks run every call, so the passing case is one expression per property; the
+    # precise message comes from the slow path only when something is wrong.
+    try:
+        floats = x.is_floating_point() and weight.is_floating_point()
+        floats = floats and lora_a.is_floating_point() and lora_b.is_floating_point()
+    except AttributeError:
+        floats = False
+    if not floats:
+        for name, t in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
+            _check_float(name, t)
+    N, K = layout.out_features, layout.in_features
+    if weight.shape != (N, K):
+        raise ValueError(f"weight must be [{N}, {K}] for this layout, got {tuple(weight.shape)}")
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"x must end in the weight's in_features {K}, got shape {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"x is empty (shape {tuple(x.shape)})")
+    if lora_a.shape != layout.a_shape or lora_b.shape != layout.b_shape:
+        raise ValueError(
+            f"packed adapters must be lora_a {list(layout.a_shape)} and lora_b {list(layout.b_shape)}, "
+            f"got {list(lora_a.shape)} and {list(lora_b.shape)}"
+        )
+    device = x.device
+    if bias is not None:
+        _check_float("bias", bias)
+        if bias.shape != (N,):
+            raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
+        if bias.device != device:
+            raise ValueError(f"all tensors must be on one device, got x on {device} and bias on {bias.device}")
+    if weight.device != device or lora_a.device != device or lora_b.device != device:
+        raise ValueError(
+            f"all tensors must be on one device, got x on {device}, weight on {weight.device}, "
+            f"lora_a on {lora_a.device}, lora_b on {lora_b.device}"
+        )
+    scale = scale if type(scale) is float and math.isfinite(scale) else _check_real("scale", scale)
+    if type(dropout_p) is not float:
+        dropout_p = _check_real("dropout_p", dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if seed is not None:
+        seed = check_seed(seed)
+    _check_frozen(weight, bias)
+    return _lora_linear_core(
+        x, weight, bias, lora_a, lora_b, seed, layout.bounds, layout.adapted, scale, dropout_p, backend
+    )
+
+
+def _check_frozen(weight, bias) -> None:
     if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
         raise ValueError(
             "weight and bias must be frozen (requires_grad=False): the fused kernel computes no "
             "gradient for them; call weight.requires_grad_(False)"
         )
+
+
+def _lora_linear_core(x, weight, bias, a_cat, b_cat, seed, bounds, adapted, scale, dropout_p, backend):
+    """Everything after validation, shared by :func:`lora_linear` and :func:`lora_linear_packed`."""
     if dropout_p > 0.0 and seed is None:
         raise ValueError("seed is required when dropout_p > 0: pass an int or lora_kernels.draw_seed(device)")
     device = x.device
@@ -784,25 +1034,23 @@ def lora_linear(
     if dropout_p == 0.0:
         seed = _unused_seed(device)
     elif isinstance(seed, torch.Tensor):
-        seed = seed.to(device=device)
+        if seed.device != device:
+            seed = seed.to(device=device)
     else:
         seed = torch.tensor(seed, device=device, dtype=torch.int64)
 
     K = weight.shape[1]
     # The one place where a non-contiguous or 3-D input may be copied: the kernels take
     # explicit strides, but x must be viewable as [M, K].
-    x2 = x.reshape(-1, K)
-    adapted = sum(1 << s for s, a in enumerate(lora_a) if a is not None)
-    # Packing the adapters is no compute: autocast must not re-type it (fp16 masters
-    # under bf16 autocast crash its cat); the kernels cast A and B themselves.
-    with torch.autocast(device.type, enabled=False):
-        a_cat = torch.cat([a if a is not None else x2.new_zeros(R, K, dtype=_param_dtype(lora_a)) for a in lora_a])
-        b_cat = torch.cat(
-            [b if b is not None else x2.new_zeros(n, R, dtype=_param_dtype(lora_b)) for b, n in zip(lora_b, slot_sizes)]
+    x2 = x if x.dim() == 2 else x.reshape(-1, K)
+    if torch.compiler.is_compiling() or EAGER_VIA_CUSTOM_OP:
+        y, _h = lora_linear_fwd(
+            x2, weight, bias, a_cat, b_cat, seed, list(bounds), adapted, float(scale), dropout_p, use_triton
         )
-    bounds = list(itertools.accumulate(slot_sizes))
-    y, _h = lora_linear_fwd(x2, weight, bias, a_cat, b_cat, seed, bounds, adapted, float(scale), dropout_p, use_triton)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    else:
+        launch = (bounds, adapted, float(scale), dropout_p, use_triton)
+        y = _LoRALinearFunction.apply(x2, weight, bias, a_cat, b_cat, seed, launch)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 _UNUSED_SEEDS: dict[torch.device, torch.Tensor] = {}
