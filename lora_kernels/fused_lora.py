@@ -571,8 +571,9 @@ def _triton_backward(dy, x, weight, h, lora_a, lora_b, seed, slot_bounds, adapte
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     total = part.sum(0)
-    da = total[:srk].view(L.SR, K)
-    db = total[srk:].view(N, R)
+    # Views of the one reduction (as_strided: one call each instead of slice + view).
+    da = total.as_strided((L.SR, K), (K, 1), 0)
+    db = total.as_strided((N, R), (R, 1), srk)
     if da.dtype != lora_a.dtype:
         da = da.to(lora_a.dtype)
     if db.dtype != lora_b.dtype:

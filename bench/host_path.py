@@ -1,0 +1,241 @@
+"""Host time of one LoRA projection's forward+backward, with the GPU kernels stubbed out.
+
+On a GPU the ViT-B/16 projections take tens of microseconds, so an eager training step
+is host-bound unless the layer's Python path is as light as ``F.linear``'s.  This
+measures that path on the CPU: the fused op runs its Triton host code (validation,
+packing, allocation, launch arguments, the reduction, autograd) with each kernel launch
+replaced by a no-op, against ``F.linear`` and plain PyTorch LoRA doing the same call on
+tiny tensors (so their arithmetic is negligible too).  Every provider runs round-robin
+in one process; the ratios are to ``F.linear``.
+
+    python -m bench.host_path [--rounds 30] [--json out.json]
+
+Rows (q/k/v packed projection: K = 64, N = 3·64, M = 8 rows, r = 2, dropout 0.25):
+
+* ``F.linear``: the frozen projection alone (the floor);
+* ``plain``: :func:`lora_kernels.plain_lora_linear`, PEFT-style;
+* ``fused lists``: :func:`lora_kernels.lora_linear` with one A and B per slot (packs per call);
+* ``fused packed``: :func:`lora_kernels.lora_linear_packed`, what patched modules call;
+* ``fused packed via op``: the same through the ``torch.library`` custom op (what
+  ``torch.compile`` sees), to show why eager calls avoid it;
+* ``nn.Linear`` / ``LoRALinear``: the module calls, with ``nn.Module`` dispatch;
+* ``… x8 chain``: eight layers in a row and one backward, per layer (the backward's
+  fixed Python cost shared, as in a real step).
+
+Not measured here: Triton's own launch overhead (three launches per forward+backward),
+which needs a GPU.  Under ``--compile`` on CUDA, graphs replay the whole step and
+neither cost exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+import lora_kernels
+from lora_kernels import fused_lora
+
+M, K, SLOTS, RANK, DROPOUT, SCALE = 8, 64, 3, 2, 0.25, 1.4
+CHAIN = 8
+PROVIDERS = (
+    "F.linear",
+    "plain",
+    "fused lists",
+    "fused packed",
+    "fused packed via op",
+    "nn.Linear",
+    "LoRALinear",
+    "F.linear x8 chain",
+    "fused packed x8 chain",
+)
+HEADLINE = ("fused packed", "F.linear")  # issue 13's target: this ratio <= 2
+
+
+class _NoOpKernel:
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **meta)`` does nothing."""
+
+    def __getitem__(self, grid):
+        return self._launch
+
+    @staticmethod
+    def _launch(*args, **meta) -> None:
+        return None
+
+
+@contextlib.contextmanager
+def stubbed_kernels() -> Iterator[None]:
+    """Within the block, the fused op takes its Triton host path on CPU tensors and every
+    kernel launch is a no-op (outputs are uninitialised: time only, never check)."""
+    names = ("_lora_shrink_kernel", "_lora_forward_kernel", "_lora_backward_kernel")
+    saved = {n: getattr(fused_lora, n) for n in (*names, "_use_triton")}
+    try:
+        for n in names:
+            setattr(fused_lora, n, _NoOpKernel())
+        fused_lora._use_triton = lambda backend, device: True
+        yield
+    finally:
+        for n, v in saved.items():
+            setattr(fused_lora, n, v)
+
+
+@contextlib.contextmanager
+def _via_custom_op() -> Iterator[None]:
+    fused_lora.EAGER_VIA_CUSTOM_OP = True
+    try:
+        yield
+    finally:
+        fused_lora.EAGER_VIA_CUSTOM_OP = False
+
+
+def make_runs(seed: int = 0) -> dict[str, Callable[[], None]]:
+    """One forward+backward per provider on fresh random tensors; gradients are reset
+    to None after each call, as ``optimizer.zero_grad()`` does every step."""
+    from clip_lora.linear import LoRALinear
+
+    g = torch.Generator().manual_seed(seed)
+    N = SLOTS * K
+
+    def randn(*shape, grad=False):
+        return torch.randn(*shape, generator=g).requires_grad_(grad)
+
+    x, weight, bias, dy = randn(M, K, grad=True), randn(N, K), randn(N), randn(M, N)
+    a = [randn(RANK, K, grad=True) for _ in range(SLOTS)]
+    b = [randn(K, RANK, grad=True) for _ in range(SLOTS)]
+    a_cat = torch.cat(a).detach().requires_grad_(True)
+    b_cat = torch.cat(b).detach().requires_grad_(True)
+    layout = lora_kernels.slot_layout(K, [K] * SLOTS, RANK)
+    linear = torch.nn.Linear(K, N)
+    linear.requires_grad_(False)
+    module = LoRALinear(linear, slots=("q", "k", "v"), params=("q", "k", "v"), r=RANK, scale=SCALE, dropout=DROPOUT)
+    module.train()
+    leaves = [x, *a, *b, a_cat, b_cat, *module.parameters()]
+    chain_w = [randn(K, K) for _ in range(CHAIN)]
+    chain_a = [randn(RANK, K, grad=True) for _ in range(CHAIN)]
+    chain_b = [randn(K, RANK, grad=True) for _ in range(CHAIN)]
+    chain_layout = lora_kernels.slot_layout(K, [K], RANK)
+    leaves += chain_a + chain_b
+
+    def done(y: torch.Tensor, grad: torch.Tensor) -> None:
+        y.backward(grad)
+        for t in leaves:
+            t.grad = None
+
+    def packed() -> torch.Tensor:
+        seed = lora_kernels.draw_seed()
+        return lora_kernels.lora_linear_packed(
+            x, weight, bias, lora_a=a_cat, lora_b=b_cat, layout=layout, scale=SCALE, dropout_p=DROPOUT, seed=seed
+        )
+
+    def packed_via_op() -> torch.Tensor:
+        with _via_custom_op():
+            return packed()
+
+    def chain(fused: bool) -> torch.Tensor:
+        h = x
+        for i in range(CHAIN):
+            if fused:
+                h = lora_kernels.lora_linear_packed(
+                    h, chain_w[i], None, lora_a=chain_a[i], lora_b=chain_b[i], layout=chain_layout, scale=SCALE,
+                    dropout_p=DROPOUT, seed=lora_kernels.draw_seed(),
+                )
+            else:
+                h = F.linear(h, chain_w[i])
+        return h
+
+    dy_chain = randn(M, K)
+    return {
+        "F.linear": lambda: done(F.linear(x, weight, bias), dy),
+        "plain": lambda: done(
+            lora_kernels.plain_lora_linear(
+                x, weight, bias, lora_a=a, lora_b=b, scale=SCALE, dropout_p=DROPOUT, training=True
+            ),
+            dy,
+        ),
+        "fused lists": lambda: done(
+            lora_kernels.lora_linear(
+                x, weight, bias, lora_a=a, lora_b=b, scale=SCALE, dropout_p=DROPOUT, seed=lora_kernels.draw_seed()
+            ),
+            dy,
+        ),
+        "fused packed": lambda: done(packed(), dy),
+        "fused packed via op": lambda: done(packed_via_op(), dy),
+        "nn.Linear": lambda: done(linear(x), dy),
+        "LoRALinear": lambda: done(module(x), dy),
+        "F.linear x8 chain": lambda: done(chain(False), dy_chain),
+        "fused packed x8 chain": lambda: done(chain(True), dy_chain),
+    }
+
+
+def layers_per_call(name: str) -> int:
+    """Layers per timed call: the chains time eight."""
+    return CHAIN if name.endswith("chain") else 1
+
+
+def measure(rounds: int = 30, calls: int = 50) -> dict[str, dict[str, float]]:
+    """Microseconds per layer forward+backward: min and median over ``rounds`` rounds of
+    ``calls`` calls each, providers round-robin (the same load drift for all)."""
+    runs = make_runs()
+    times: dict[str, list[float]] = {n: [] for n in runs}
+    with stubbed_kernels():
+        for run in runs.values():
+            for _ in range(calls):  # warm up allocator and caches
+                run()
+        for _ in range(rounds):
+            for name, run in runs.items():
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    run()
+                times[name].append((time.perf_counter() - t0) / calls / layers_per_call(name) * 1e6)
+    return {n: {"min_us": min(t), "median_us": statistics.median(t)} for n, t in times.items()}
+
+
+def ratios(result: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Each row's minimum ÷ its floor's (``F.linear``, ``nn.Linear`` or the F.linear chain)."""
+    floor = {"nn.Linear": "nn.Linear", "LoRALinear": "nn.Linear"}
+    out = {}
+    for name, row in result.items():
+        base = floor.get(name, "F.linear x8 chain" if name.endswith("chain") else "F.linear")
+        out[name] = row["min_us"] / result[base]["min_us"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # host overhead, not arithmetic: one thread, less noise
+    result = measure(args.rounds)
+    rel = ratios(result)
+    print(f"host time per layer forward+backward, kernels stubbed (CPU, torch {torch.__version__})")
+    print(f"{'provider':24s} {'min µs':>8s} {'median µs':>10s} {'÷ floor':>8s}")
+    for name in PROVIDERS:
+        row = result[name]
+        print(f"{name:24s} {row['min_us']:8.1f} {row['median_us']:10.1f} {rel[name]:8.2f}")
+    head = result[HEADLINE[0]]["min_us"] / result[HEADLINE[1]]["min_us"]
+    print(f"headline: {HEADLINE[0]} ÷ {HEADLINE[1]} = {head:.2f} (target <= 2)")
+    if args.json:
+        import os
+        import platform
+
+        payload = {
+            "device": f"CPU ({os.cpu_count()} cores), {platform.processor() or platform.machine()}",
+            "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "shape": {"M": M, "K": K, "slots": SLOTS, "rank": RANK, "dropout": DROPOUT},
+            "results_us": result,
+            "ratio_to_floor": rel,
+        }
+        with open(args.json, "w") as f:
+            json.dump(payload, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
