@@ -5,8 +5,9 @@ for an output projection) and an adapter on some of them.  The fused kernel read
 adapters packed: ``A_cat [S·r, K]`` (slot s in rows ``s·r … s·r+r``) and ``B_cat [N, r]``
 (slot s in its output rows).  Packing them on every call (``torch.cat``) costs host
 time and, worse, gives autograd 2·S adapter leaves instead of two: with the kernels
-stubbed out, the per-call host time of a q/k/v projection drops by about a third when
-A and B are each one Parameter (``python -m bench.host_path``, bench/NOTES.md section 7).
+stubbed out, a q/k/v projection's forward+backward takes 167 µs of host time with
+per-slot Parameters and 93 µs with A and B each one Parameter (``python -m
+bench.host_path``, bench/NOTES.md section 7).
 
 So with ``packed=True`` (the fused provider) each projection whose slots are all adapted
 is ONE Parameter (named after its slots, ``q_k_v``) and ``self[name]`` is a view of that
