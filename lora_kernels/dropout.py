@@ -154,7 +154,15 @@ def mask_hash(
     seed: int | torch.Tensor, num_rows: int, num_cols: int, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
     """The [num_rows, num_cols] hash (int64 holding uint32) that every slot's mask reads."""
-    key = _fmix32_torch(torch.tensor(seed_word(seed), dtype=torch.int64, device=device))
+    if isinstance(seed, torch.Tensor):
+        # On the device, as fold_seed does in the kernels: no host read of the seed (a
+        # sync on a GPU, and a stop for CUDA graphs).  Products wrap mod 2^64, and only
+        # their low 32 bits are kept, as in _fmix32_torch.
+        s = check_seed(seed).to(device=device)
+        word = ((s & _U32) ^ ((((s >> 32) & _U32) * SEED_HIGH_MULT) & _U32)) & _U32
+    else:
+        word = torch.tensor(seed_word(seed), dtype=torch.int64, device=device)
+    key = _fmix32_torch(word)
     rows = torch.arange(num_rows, device=device, dtype=torch.int64)
     row = _fmix32_torch(key ^ ((rows * ROW_MULT) & _U32))
     cols = (torch.arange(num_cols, device=device, dtype=torch.int64) * COL_MULT) & _U32

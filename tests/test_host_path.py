@@ -327,3 +327,40 @@ def test_host_path_benchmark_harness_restores_the_kernels():
     assert set(result) == set(host_path.PROVIDERS) and all(r["min_us"] > 0 for r in result.values())
     assert [getattr(fused_lora, n) for n in names] == originals
     assert lora_kernels.fused_lora.EAGER_VIA_CUSTOM_OP is False
+
+
+@pytest.mark.parametrize("path", ["triton (kernels stubbed)", "torch"])
+def test_host_path_never_syncs_with_the_device(path):
+    """What CUDA graphs need of the layer: no host read of a device value (``.item()``,
+    ``bool(t)``, ``.tolist()`` all dispatch ``aten._local_scalar_dense``) anywhere in a
+    forward+backward, the dropout seed included.  Checked on the Triton host path with
+    the kernels stubbed (CPU tensors) and on the PyTorch path, through the module and
+    the functional entries."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from bench.host_path import stubbed_kernels
+    from clip_lora.linear import LoRALinear
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    linear = torch.nn.Linear(24, 72).requires_grad_(False)
+    module = LoRALinear(linear, slots=("q", "k", "v"), params=("q", "k", "v"), r=2, scale=0.5, dropout=0.25).train()
+    x = torch.randn(6, 24, requires_grad=True)
+    x2, w, b, a, bb, dy = _inputs()
+    stub = stubbed_kernels() if path.startswith("triton") else contextlib.nullcontext()
+    with stub, Record() as rec:
+        module(x).sum().backward()
+        y = lora_linear(
+            x2, w, b, lora_a=a, lora_b=bb, slot_sizes=SIZES, scale=0.7, dropout_p=0.25, seed=lora_kernels.draw_seed()
+        )
+        y.backward(dy)
+    names = {str(op) for op in rec.ops}
+    assert "aten.randint.low" in names or any(n.startswith("aten.randint") for n in names)  # the mode saw the call
+    assert not [n for n in names if "_local_scalar_dense" in n or n.startswith("aten.item")], sorted(names)
