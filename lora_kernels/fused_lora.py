@@ -287,7 +287,8 @@ def _lora_backward_kernel(
     rows is computed by the one program with pid_k == t % num_pid_k, so the dB work is
     spread evenly and each partial is written exactly once (no atomics).  Row pid_m of
     the partials holds this row tile's dA [S·R, K] then its dB [N, R] (``stride_part``
-    apart), so one reduction sums both; every element is written, absent slots' dA as 0.
+    apart), so one reduction sums both.  Every element is written except, with dropout,
+    the dA rows of an absent slot (the host zero-fills the partials only then).
     """
     pid_m, pid_k, num_pid_k = _tile_ids(tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
     dt = x_ptr.dtype.element_ty
@@ -351,9 +352,6 @@ def _lora_backward_kernel(
                 acc += up * (keep.to(tl.float32) * keep_scale)
                 da = tl.dot(tl.trans(dh_lo), x * keep.to(dt), input_precision=DOT_PRECISION)
                 tl.store(da_ptrs, da * keep_scale, mask=in_slot[:, None] & k_ok[None, :])
-            else:
-                # The partials are not zero-filled: an absent slot's rows are written as 0.
-                tl.store(da_ptrs, tl.zeros((SR_PAD, BLOCK_K), dtype=tl.float32), mask=in_slot[:, None] & k_ok[None, :])
     else:
         a = tl.load(a_ptrs, mask=i_ok[:, None] & k_ok[None, :], other=0.0)
         acc += tl.dot(dh, a.to(tl.float32), input_precision=DOT_PRECISION)
@@ -555,11 +553,14 @@ def _triton_backward(dy, x, weight, h, lora_a, lora_b, seed, slot_bounds, adapte
     dx = torch.empty((M, K), device=x.device, dtype=x.dtype)
     # Partials, reduced below by ONE torch.sum in a fixed order (deterministic): row
     # pid_m holds that row tile's dA [S·R, K] and then its dB [N, R]; small
-    # (M/BLOCK_M × (S·R·K + N·R) fp32).  The kernel writes every element (absent
-    # slots' dA as zeros), so no zero-fill.
+    # (M/BLOCK_M × (S·R·K + N·R) fp32).  The kernel writes every element, except with
+    # dropout the dA rows of an absent slot: only then is the buffer zero-filled.
+    # (Storing zeros in the kernel instead cost the sm_90 dropout backward 9 registers,
+    # leaving it at 255 with no headroom; bench/NOTES.md section 2.)
     srk = L.SR * K
     width = srk + N * R
-    part = torch.empty((L.backward_rows, width), device=x.device, dtype=torch.float32)
+    alloc = torch.zeros if p > 0.0 and adapted != (1 << L.S) - 1 else torch.empty
+    part = alloc((L.backward_rows, width), device=x.device, dtype=torch.float32)
     sdy, sw, sx, sa, sb = dy.stride(), weight.stride(), x.stride(), lora_a.stride(), lora_b.stride()
     cfg = L.backward
     _lora_backward_kernel[L.backward_grid](
