@@ -52,6 +52,12 @@ def test_every_provider_is_checked_and_recorded(bench_run):
     assert set(by_group["text EuroSAT"]) == set(workloads.TEXT_PROVIDERS)
     half = by_group["step EuroSAT"]["fused+bucket+half"]["extra_info"]["check_rel_err"]
     assert half["bf16 vs fp32-stored"] == {"logits": 0.0, "loss": 0.0, "grads": 0.0}
+    # The compiled step is checked eager as the half step is, then compiled against eager.
+    compiled = by_group["step EuroSAT"]["fused+bucket+half+compile"]["extra_info"]
+    assert compiled["check_rel_err"]["bf16 vs fp32-stored"] == half["bf16 vs fp32-stored"]
+    vs_eager = compiled["check_rel_err"]["bf16 compiled vs eager"]
+    assert set(vs_eager) == {"logits", "loss", "grads"}
+    assert all(0 <= e <= compiled["check_tol"]["bf16 compiled vs eager"] for e in vs_eager.values())
     for b in data["benchmarks"]:
         info = b["extra_info"]
         assert info["size"] == "small" and info["device"] == "cpu"
