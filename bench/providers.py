@@ -293,11 +293,17 @@ def step_classnames(n_classes: int) -> list[str]:
 
 @dataclass
 class StepInputs:
-    """One step's batch: images, their labels, and every class prompt's tokens."""
+    """One step's batch: images, their labels, and every class prompt's tokens.
+
+    ``text_plan``: the tokens' bucket plan, computed by the first bucketed step and
+    reused by every later one, as the training loop plans once per run
+    (:func:`clip_lora.text.plan_text`).
+    """
 
     images: torch.Tensor
     labels: torch.Tensor
     tokens: torch.Tensor
+    text_plan: object = None
 
 
 def make_step_inputs(work, tokenizer, device: torch.device, seed: int = 0) -> StepInputs:
@@ -401,11 +407,13 @@ def step_towers(model: torch.nn.Module, provider: str, device: torch.device) -> 
 
 def clip_logits(model: torch.nn.Module, provider: str, inputs: StepInputs) -> torch.Tensor:
     """``100 · cos(image feature, class-prompt feature)``: the paper's logits."""
-    from clip_lora import encode_text_bucketed, encode_text_trimmed
+    from clip_lora import encode_text_bucketed, encode_text_trimmed, plan_text
 
     image = model.encode_image(inputs.images, normalize=True)
     if "+bucket" in provider:
-        text = encode_text_bucketed(model, inputs.tokens, normalize=True)
+        if inputs.text_plan is None:
+            inputs.text_plan = plan_text(model, inputs.tokens)
+        text = encode_text_bucketed(model, inputs.tokens, normalize=True, plan=inputs.text_plan)
     elif provider == "fused+trim":
         text = encode_text_trimmed(model, inputs.tokens, normalize=True)
     else:
