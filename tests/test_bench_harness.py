@@ -165,6 +165,24 @@ def test_report_text_rows_and_targets(tmp_path):
     assert "| ImageNet | full | 1 | 77 | 77000 | 4.278 | 40 | 4.000 |" in md
 
 
+def test_report_step_options_table(tmp_path):
+    """The interleaved options measurement becomes one row per option, ratios as recorded."""
+    wall = {"fused": 0.2, "fused+trim": 0.05, "fused+bucket": 0.04}
+    effects = {
+        "trimmed text": {"without": "fused", "with": "fused+trim", "wall_ratio": 0.25, "cpu_ratio": 0.26},
+        "bucketed text": {"without": "fused+trim", "with": "fused+bucket", "wall_ratio": 0.8, "cpu_ratio": 0.79},
+    }
+    info = dict(kind="step-options", effects=effects, wall_s=wall, rounds=7, threads=1)
+    benches = [_bench("step options ImageNet c1000", "interleaved", 3000.0, **info)]
+    path = tmp_path / "cpu.json"
+    ctx = {"device": "CPU (2 cores)", "size": "small"}
+    path.write_text(json.dumps({"machine_info": {"clip_lora_bench": ctx}, "benchmarks": benches}))
+    report.main([str(path), "--out", str(tmp_path / "rep")])
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| ImageNet c1000 | trimmed text | fused+trim ÷ fused | 50 ÷ 200 | 0.250 | 0.260 | 7 × 1 thread(s) |" in md
+    assert "| ImageNet c1000 | bucketed text | fused+bucket ÷ fused+trim | 40 ÷ 50 | 0.800 | 0.790 |" in md
+
+
 def test_layer_check_catches_a_wrong_provider(monkeypatch):
     """The check before timing is not vacuous: a provider off by a wrong scale fails it."""
     shape = workloads.layer_shapes("small")[0]
