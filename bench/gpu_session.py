@@ -127,6 +127,7 @@ HEADLINE_SHAPES = ("vitb16-vision-qkv", "vitb16-vision-out")
 HEADLINE_DATASETS = ("EuroSAT", "DTD", "ImageNet")
 HEADLINE_STEP_PROVIDERS = ("fused", "plain", "frozen")
 LAYER_FUNCTIONS = ("test_layer", "test_layer_no_dropout")
+STEP_FUNCTIONS = ("test_step", "test_step_options")
 TEST_FILES = (
     "tests/test_kernels.py",
     "tests/test_dropout.py",
@@ -284,9 +285,16 @@ def estimate_s(stage: Stage, items: list[dict], workers: int) -> float:
         return 0.0
     if stage.key == "1":
         return EST_START_S + EST_TEST_S * len(items) / max(1, workers) + 2 * EST_COMPILE_S
-    layer = [it for it in items if _fn(it) != "test_step"]
+    layer = [it for it in items if _fn(it) not in STEP_FUNCTIONS]
     steps = len(items) - len(layer)
     compiles = sum(1 for it in layer if _p(it, "provider") == "plain+compile")
+    # A compiled step: both towers, forward and backward (about two layer graphs' worth
+    # each); test_step_options compiles one step of its own.
+    compiles += 2 * sum(
+        1
+        for it in items
+        if (_fn(it) == "test_step" and "+compile" in str(_p(it, "provider"))) or _fn(it) == "test_step_options"
+    )
     compile_s = EST_COMPILE_S * compiles / (max(1, workers) if stage.warm else 1)
     warm_start = EST_START_S if stage.warm else 0.0
     return EST_START_S + warm_start + EST_LAYER_S * len(layer) + compile_s + EST_STEP_S * steps

@@ -19,6 +19,7 @@ first, as PEFT does).  So no provider is handed pre-cast adapters the others lac
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -268,7 +269,11 @@ ADAMW = dict(lr=2e-4, weight_decay=1e-2, betas=(0.9, 0.999))
 # floors' trainable positional embeddings (each entry a bf16 sum over every prompt or
 # image); that bound only catches a broken autocast path, the fp32 check is the exact
 # one.  A half-stored model must match its fp32-stored twin under autocast exactly.
-STEP_TOLERANCES = {"fp32": 1e-4, "bf16": 1.5e-1, "bf16 vs fp32-stored": 0.0}
+# Compiled towers against the same model eager, same dropout masks, bf16 autocast:
+# Inductor fuses and keeps fp32 inside its kernels where eager rounds to bf16 between
+# ops, 0.03-0.07 measured on the small EuroSAT step (CPU); with another dropout mask
+# (a seed drawn differently) the gradients differ by > 1 (1.16 measured).
+STEP_TOLERANCES = {"fp32": 1e-4, "bf16": 1.5e-1, "bf16 vs fp32-stored": 0.0, "bf16 compiled vs eager": 1.5e-1}
 
 
 def step_classnames(n_classes: int) -> list[str]:
@@ -288,11 +293,17 @@ def step_classnames(n_classes: int) -> list[str]:
 
 @dataclass
 class StepInputs:
-    """One step's batch: images, their labels, and every class prompt's tokens."""
+    """One step's batch: images, their labels, and every class prompt's tokens.
+
+    ``text_plan``: the tokens' bucket plan, computed by the first bucketed step and
+    reused by every later one, as the training loop plans once per run
+    (:func:`clip_lora.text.plan_text`).
+    """
 
     images: torch.Tensor
     labels: torch.Tensor
     tokens: torch.Tensor
+    text_plan: object = None
 
 
 def make_step_inputs(work, tokenizer, device: torch.device, seed: int = 0) -> StepInputs:
@@ -329,6 +340,9 @@ def build_step_model(
     * ``fused+bucket+half``: the same, with the frozen projections stored in the step's
       dtype (:func:`clip_lora.precision.store_frozen_half`; the fp32 originals are kept
       on the host for the check);
+    * ``fused+bucket+half+compile``: that model, its towers run through
+      ``torch.compile`` as ``--compile`` runs them; the compiling is
+      :func:`step_towers`' job, around the check and the timing;
     * ``plain``: :func:`clip_lora.patch_reference` (PEFT-style plain LoRA);
     * ``official``: the paper code's step: split q/k/v projections with a dense
       ``B @ A`` (:func:`lora_kernels.official_style_lora_linear`, swapped into each
@@ -375,18 +389,31 @@ def build_step_model(
             p.requires_grad_(True)
     else:
         trainable = lora_parameters(model)
-    if provider.endswith("+half"):
+    if "+half" in provider:
         store_frozen_half(model, STEP_DTYPE, keep_fp32=True)
     return model, trainable
 
 
+def step_towers(model: torch.nn.Module, provider: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The context a step provider runs in: for ``+compile``, the towers of ``model``
+    compiled exactly as ``--compile`` compiles them (:func:`clip_lora.train.compiled_towers`:
+    Inductor, ``fullgraph=True``, CUDA graphs on a GPU); otherwise nothing.  The check
+    and the timed steps run inside it, so the graphs the check compiles are the ones
+    timed."""
+    from clip_lora.train import compiled_towers
+
+    return compiled_towers(model, device) if "+compile" in provider else contextlib.nullcontext()
+
+
 def clip_logits(model: torch.nn.Module, provider: str, inputs: StepInputs) -> torch.Tensor:
     """``100 · cos(image feature, class-prompt feature)``: the paper's logits."""
-    from clip_lora import encode_text_bucketed, encode_text_trimmed
+    from clip_lora import encode_text_bucketed, encode_text_trimmed, plan_text
 
     image = model.encode_image(inputs.images, normalize=True)
     if "+bucket" in provider:
-        text = encode_text_bucketed(model, inputs.tokens, normalize=True)
+        if inputs.text_plan is None:
+            inputs.text_plan = plan_text(model, inputs.tokens)
+        text = encode_text_bucketed(model, inputs.tokens, normalize=True, plan=inputs.text_plan)
     elif provider == "fused+trim":
         text = encode_text_trimmed(model, inputs.tokens, normalize=True)
     else:
@@ -399,9 +426,14 @@ def make_train_step(model: torch.nn.Module, provider: str, params: list, inputs:
     backward, AdamW step."""
     device_type = inputs.images.device.type
     opt = torch.optim.AdamW(params, **ADAMW)
+    # As clip_lora.train.train_step: with CUDA graphs (compiled towers on a GPU), mark the
+    # step boundary so that the last step's graph outputs may be overwritten.
+    cuda_graphs = "+compile" in provider and device_type == "cuda"
     model.train()
 
     def step() -> None:
+        if cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device_type, dtype=STEP_DTYPE):
             loss = F.cross_entropy(clip_logits(model, provider, inputs), inputs.labels)
         loss.backward()
@@ -414,6 +446,8 @@ def make_train_step(model: torch.nn.Module, provider: str, params: list, inputs:
 def _loss_and_grads(model, provider, params, inputs, autocast: bool):
     for p in params:
         p.grad = None
+    if "+compile" in provider and inputs.images.device.type == "cuda":
+        torch.compiler.cudagraph_mark_step_begin()
     with torch.autocast(inputs.images.device.type, dtype=STEP_DTYPE, enabled=autocast):
         logits = clip_logits(model, provider, inputs)
         loss = F.cross_entropy(logits.float(), inputs.labels)
@@ -424,10 +458,38 @@ def _loss_and_grads(model, provider, params, inputs, autocast: bool):
     return logits.detach().to(torch.float64), loss.detach().to(torch.float64), grads
 
 
+def _eager_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of ``model`` that runs eager.  Inside :func:`step_towers` the towers'
+    ``forward`` is an instance attribute holding the compiled function, which calls the
+    original modules: a plain deep copy would keep it and run the original's weights."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    for module in twin.modules():
+        if "forward" in vars(module):
+            del module.forward
+    return twin
+
+
+def _compiled_vs_eager(model: torch.nn.Module, provider: str, params: list, inputs: StepInputs) -> dict[str, float]:
+    """One training-mode step (dropout on) under bf16 autocast, compiled and eager from
+    the same RNG state; the compiled result's relative error against the eager one."""
+    model.train()
+
+    def run():
+        torch.manual_seed(CHECK_SEED)  # the dropout seeds: compiled draws what eager draws (fallback_random)
+        return _loss_and_grads(model, provider, params, inputs, autocast=True)
+
+    with torch.compiler.set_stance("force_eager"):
+        want = run()
+    got = run()
+    return {k: rel_err(g, e) for k, g, e in zip(("logits", "loss", "grads"), got, want, strict=True)}
+
+
 def check_step(model: torch.nn.Module, provider: str, params: list, inputs: StepInputs) -> dict[str, dict]:
     """The provider's logits, loss and trainable gradients on the benchmark's own batch,
     in fp32 and under bf16 autocast, against the same weights in fp32 with the plain
-    reference (:data:`STEP_TOLERANCES`).
+    reference (:data:`STEP_TOLERANCES`).  Call it inside :func:`step_towers`.
 
     Everything runs in eval mode (no dropout: the providers draw their masks
     differently).  The reference is the untrimmed, plain-LoRA model, so ``fused+trim``
@@ -437,15 +499,21 @@ def check_step(model: torch.nn.Module, provider: str, params: list, inputs: Step
     with the fp32 originals restored, and its bf16 result must equal that twin's under
     the same autocast bit for bit (``bf16 vs fp32-stored`` = 0), which is what storing
     autocast's own rounding promises.
-    """
-    import copy
 
+    A ``+compile`` provider passes those checks eager (``torch.compiler.set_stance
+    ("force_eager")`` bypasses its compiled towers: compiling each eval-mode and fp32
+    variant would cost minutes on a CPU), and then its compiled towers are checked
+    against that eager model: one training step, dropout on, under bf16 autocast, from
+    the same RNG state (``bf16 compiled vs eager``).  That training-mode bf16 graph is
+    the one the benchmark then times, so the check adds no compile of its own.
+    """
     from clip_lora import LoRAConfig, lora_parameters, lora_state_dict, patch_reference, unpatch
     from clip_lora.precision import restore_fp32
 
-    half = provider.endswith("+half")
-    twin = restore_fp32(copy.deepcopy(model)) if half else model
-    ref = copy.deepcopy(twin)
+    half = "+half" in provider
+    compiled = "+compile" in provider
+    twin = restore_fp32(_eager_copy(model)) if half else model
+    ref = _eager_copy(twin)
     if provider.startswith("frozen"):
         ref_params = [ref.positional_embedding, ref.visual.positional_embedding]
     else:
@@ -465,14 +533,17 @@ def check_step(model: torch.nn.Module, provider: str, params: list, inputs: Step
         twin_params = [by_name[name_of[id(p)]] for p in params]
     errs: dict[str, dict] = {}
     keys = ("logits", "loss", "grads")
-    got = _loss_and_grads(twin, provider, twin_params, inputs, autocast=False)
-    errs["fp32"] = {k: rel_err(g, e) for k, g, e in zip(keys, got, expected, strict=True)}
-    got = _loss_and_grads(model, provider, params, inputs, autocast=True)
-    errs["bf16"] = {k: rel_err(g, e) for k, g, e in zip(keys, got, expected, strict=True)}
-    if half:
-        same = _loss_and_grads(twin, provider, twin_params, inputs, autocast=True)
-        errs["bf16 vs fp32-stored"] = {k: rel_err(g, e) for k, g, e in zip(keys, got, same, strict=True)}
-        del twin
+    with torch.compiler.set_stance("force_eager") if compiled else contextlib.nullcontext():
+        got = _loss_and_grads(twin, provider, twin_params, inputs, autocast=False)
+        errs["fp32"] = {k: rel_err(g, e) for k, g, e in zip(keys, got, expected, strict=True)}
+        got = _loss_and_grads(model, provider, params, inputs, autocast=True)
+        errs["bf16"] = {k: rel_err(g, e) for k, g, e in zip(keys, got, expected, strict=True)}
+        if half:
+            same = _loss_and_grads(twin, provider, twin_params, inputs, autocast=True)
+            errs["bf16 vs fp32-stored"] = {k: rel_err(g, e) for k, g, e in zip(keys, got, same, strict=True)}
+            del twin
+    if compiled:
+        errs["bf16 compiled vs eager"] = _compiled_vs_eager(model, provider, params, inputs)
     model.train()
     bad = {
         f"{precision} {k}": v

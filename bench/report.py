@@ -28,7 +28,8 @@ from .workloads import DATASETS, LAYER_PROVIDERS, STEP_PROVIDERS, TEXT_PROVIDERS
 LAYER_ORDER = LAYER_PROVIDERS
 STEP_ORDER = STEP_PROVIDERS
 TEXT_ORDER = TEXT_PROVIDERS
-BEST = "fused+bucket+half"  # the fastest exact step we ship
+BEST = "fused+bucket+half"  # the fastest exact step we ship eager
+COMPILED = "fused+bucket+half+compile"  # and with --compile
 
 
 @dataclass
@@ -181,6 +182,7 @@ def step_rows(groups: dict[str, dict[str, Row]]) -> list[list[str]]:
                 _fmt(ratio(groups, f"step {dataset}", "official", BEST), ".2f", "×"),
                 _fmt(ratio(groups, f"step {dataset}", "fused", "frozen"), ".2f"),
                 _fmt(ratio(groups, f"step {dataset}", BEST, "frozen+bucket+half"), ".2f"),
+                _fmt(ratio(groups, f"step {dataset}", BEST, COMPILED), ".2f", "×"),
                 *[_fmt(g[p].peak_mb, ".0f") if p in g else "—" for p in STEP_ORDER],
                 _fmt(ratio(groups, f"step {dataset}", "fused", "plain", memory=True), ".2f"),
             ]
@@ -254,8 +256,34 @@ def render(context: dict, groups: dict[str, dict[str, Row]]) -> str:
     ]
     header = ["dataset", "classes", *[f"{p} ms" for p in STEP_ORDER], "plain ÷ fused", "plain ÷ fused+trim"]
     header += [f"plain ÷ {BEST}", f"official ÷ {BEST}", "fused ÷ frozen", f"{BEST} ÷ frozen+bucket+half"]
+    header += [f"{BEST} ÷ {COMPILED}"]
     header += [*[f"{p} MiB" for p in STEP_ORDER], "mem fused ÷ plain"]
     lines += _table(header, step_rows(groups))
+    option_rows = []
+    for name in sorted(g for g in groups if g.startswith("step options ")):
+        info = groups[name]["interleaved"].info
+        for option, e in info.get("effects", {}).items():
+            option_rows.append(
+                [
+                    name.removeprefix("step options "),
+                    option,
+                    f"{e['with']} ÷ {e['without']}",
+                    f"{info['wall_s'][e['with']] * 1e3:.4g} ÷ {info['wall_s'][e['without']] * 1e3:.4g}",
+                    f"{e['wall_ratio']:.3f}",
+                    f"{e['cpu_ratio']:.3f}",
+                    f"{info.get('rounds')} × {info.get('threads')} thread(s)",
+                ]
+            )
+    if option_rows:
+        lines += [
+            "",
+            "The step's options, each on top of the previous one, from one interleaved measurement "
+            "(`test_step_options`: every step once per round, round-robin; minimum wall time and median "
+            "process CPU time over the rounds). A ratio below 1 is the option's saving.",
+            "",
+        ]
+        header = ["dataset", "option", "steps", "wall ms", "wall ratio", "CPU time ratio", "rounds"]
+        lines += _table(header, option_rows)
     lines += [
         "",
         "## Text tower alone: tokens and forward+backward time",

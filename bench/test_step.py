@@ -8,11 +8,16 @@ CE loss on ``100 · cos``, backward, AdamW step, under bf16 autocast (ViT-B/16, 
 Providers (:mod:`bench.providers`): ``fused``, ``plain``, ``fused+trim`` (the fused
 model with the text context trimmed to the longest prompt), ``fused+bucket`` (the text
 tower run in length buckets), ``fused+bucket+half`` (and frozen weights stored in the
-step's dtype), ``official`` (the paper code's step: split projections with a dense
+step's dtype), ``fused+bucket+half+compile`` (and the towers compiled as ``--compile``
+compiles them), ``official`` (the paper code's step: split projections with a dense
 ``B·A``, full 77-token text, weights cast per call), ``frozen``, the floor: no LoRA, but
 backward through every block, and ``frozen+bucket+half``, the floor of the bucketed,
 half-stored step.  Each is checked against the fp32 plain reference on its own batch
 before it is timed.
+
+``test_step_options`` times the three options of the step (bucketed text, half-stored
+frozen towers, compiled towers) one on top of the other, interleaved in one
+measurement, so that each one's effect is a ratio from the same run.
 """
 
 from __future__ import annotations
@@ -28,11 +33,20 @@ from .providers import (
     check_step,
     make_step_inputs,
     make_train_step,
+    step_towers,
 )
+from .workloads import DATASETS as DATASETS_CLASSES
 from .workloads import bench_size, step_flops, step_workloads, text_tokens
 
 SIZE = bench_size()
 WORKLOADS = step_workloads(SIZE)
+
+# Inductor's C++ build of one step's graphs (both towers, forward and backward) takes
+# ~25 s on a 2-core CPU with a cold cache, per workload, and the CI's harness test
+# (tests/test_bench_harness.py) runs the EuroSAT group.  So on CPU the compiled provider
+# runs one workload in test_step, the smallest (EuroSAT: 2 classes, one bucket), and
+# ImageNet's in test_step_options; on CUDA it runs every workload.
+CPU_COMPILE_WORKLOADS = ("EuroSAT",)
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +72,16 @@ def base_model(tiny_model_registered):
 @pytest.mark.parametrize("provider", STEP_PROVIDERS)
 @pytest.mark.parametrize("work", WORKLOADS, ids=lambda w: w.dataset)
 def test_step(benchmark, base_model, device, work, provider):
+    if "+compile" in provider and device.type == "cpu" and work.dataset not in CPU_COMPILE_WORKLOADS:
+        pytest.skip(f"compiled step on CPU: {', '.join(CPU_COMPILE_WORKLOADS)} only (Inductor builds take ~25 s each)")
     base, tokenizer = base_model(work.model)
     inputs = make_step_inputs(work, tokenizer, device)
     model, params = build_step_model(base, provider, device)
+    with step_towers(model, provider, device):
+        _run_step(benchmark, model, provider, params, inputs, device, work)
+
+
+def _run_step(benchmark, model, provider, params, inputs, device, work) -> None:
     errs = check_step(model, provider, params, inputs)
     step = make_train_step(model, provider, params, inputs)
 
@@ -79,3 +100,111 @@ def test_step(benchmark, base_model, device, work, provider):
         check_tol=STEP_TOLERANCES,
     )
     run_benchmark(benchmark, step, device=device, budget=STEP_BUDGET[device.type], flops=step_flops(work))
+
+
+# Each option on top of the previous one: the text trimmed to the longest prompt (the
+# step before bucketing), bucketed text, frozen towers stored in bf16, compiled towers.
+# Each effect is the ratio of two neighbours.
+OPTION_PROVIDERS = ("fused", "fused+trim", "fused+bucket", "fused+bucket+half", "fused+bucket+half+compile")
+OPTION_DATASETS = ("ImageNet",)  # the workload the options are for: 1000 prompts (50 at the small size)
+OPTION_ROUNDS = {"cpu": 7, "cuda": 20}
+
+
+def _option_workloads() -> list:
+    import dataclasses
+
+    works = [w for w in WORKLOADS if w.dataset in OPTION_DATASETS]
+    if SIZE == "small":
+        # The small ImageNet step's 50 prompts (14 tokens at most, 700 trimmed) stay one
+        # bucket: a second would save less than BUCKET_COST_TOKENS.  So bucketing equals
+        # trimming there, and the small model with all 1000 ImageNet prompts (3 buckets)
+        # shows what bucketing does to a step.
+        works += [dataclasses.replace(w, n_classes=DATASETS_CLASSES[w.dataset]) for w in works]
+    return works
+
+
+@pytest.mark.parametrize("work", _option_workloads(), ids=lambda w: f"{w.dataset}-c{w.n_classes}")
+def test_step_options(benchmark, base_model, device, work):
+    """Step time of each option, ÷ the step without it, from one interleaved measurement.
+
+    test_step times the providers one after another; on a shared CPU the load drifts
+    between them.  Here the steps run once per round, round-robin, after each
+    passed its check (:func:`check_step`), and the ratios use the minimum wall time and
+    the median process CPU time over the rounds (:func:`interleaved_times`).  The
+    full-context ``fused`` step and the trimmed one (the step before bucketing) are the
+    baselines.  The
+    compiled towers stay compiled for the whole measurement.
+
+    On CPU everything, compiling included, runs in one thread: with two OpenMP threads
+    on two cores that another process also uses, a thread waits at every barrier for
+    the one that lost its core, and the small EuroSAT step went from ~25 ms to ~1 s
+    (eager and compiled alike), which buries the options' effects.  Inductor fixes the
+    thread count of its C++ kernels when it compiles them, hence the whole test.
+    """
+    import contextlib
+    import statistics
+
+    from .providers import interleaved_times
+
+    base, tokenizer = base_model(work.model)
+    inputs = make_step_inputs(work, tokenizer, device)
+    runs, errs = {}, {}
+    threads = torch.get_num_threads()
+    with contextlib.ExitStack() as stack:
+        if device.type == "cpu":
+            torch.set_num_threads(1)
+            stack.callback(torch.set_num_threads, threads)
+        for provider in OPTION_PROVIDERS:
+            model, params = build_step_model(base, provider, device)
+            stack.enter_context(step_towers(model, provider, device))
+            errs[provider] = check_step(model, provider, params, inputs)
+            step = make_train_step(model, provider, params, inputs)
+            if device.type == "cuda":
+                from .measure import synchronize
+
+                step = lambda f=step: (f(), synchronize(device))  # noqa: E731
+            runs[provider] = step
+        result: dict = {}
+
+        def measure() -> None:
+            for run in runs.values():  # warm-up: the compiled towers' first step compiles
+                run()
+            result.update(interleaved_times(runs, OPTION_ROUNDS[device.type]))
+
+        benchmark.group = f"step options {work.dataset} c{work.n_classes}"
+        benchmark.pedantic(measure, rounds=1, iterations=1)
+    wall = {p: min(t["wall"]) for p, t in result.items()}
+    cpu = {p: statistics.median(t["cpu"]) for p, t in result.items()}
+    effects = {}
+    for option, (without, with_) in {
+        "trimmed text": ("fused", "fused+trim"),
+        "bucketed text": ("fused+trim", "fused+bucket"),
+        "half-stored frozen towers": ("fused+bucket", "fused+bucket+half"),
+        "compiled towers": ("fused+bucket+half", "fused+bucket+half+compile"),
+        "bucketed text, from full context": ("fused", "fused+bucket"),
+        "all three": ("fused", "fused+bucket+half+compile"),
+    }.items():
+        effects[option] = {
+            "without": without,
+            "with": with_,
+            "wall_ratio": wall[with_] / wall[without],
+            "cpu_ratio": cpu[with_] / cpu[without],
+        }
+    benchmark.extra_info.update(
+        kind="step-options",
+        provider="interleaved",
+        size=SIZE,
+        device=str(device),
+        dtype="bf16",
+        **work.as_dict(),
+        rounds=OPTION_ROUNDS[device.type],
+        threads=1 if device.type == "cpu" else threads,
+        text_tokens={p: text_tokens(p, inputs.tokens) for p in OPTION_PROVIDERS},
+        wall_s=wall,
+        cpu_s=cpu,
+        effects=effects,
+        raw=result,
+        check_rel_err=errs,
+        check_tol=STEP_TOLERANCES,
+    )
+    assert all(r["wall_ratio"] > 0 and r["cpu_ratio"] > 0 for r in effects.values())

@@ -259,11 +259,11 @@ STEP_PROVIDERS = (
     "fused+trim",
     "fused+bucket",
     "fused+bucket+half",
+    "fused+bucket+half+compile",
     "official",
     "frozen",
     "frozen+bucket+half",
 )
-# TODO(issue 13 item 3): "fused+bucket+half+compile" once the step is one compilable function.
 TEXT_PROVIDERS = ("full", "trimmed", "bucketed", "bucket1", "bucket2", "bucket4", "bucket8")
 
 

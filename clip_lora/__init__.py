@@ -25,7 +25,7 @@ from .patch import (
     unmerge,
     unpatch,
 )
-from .text import encode_class_prompts, encode_text_bucketed, encode_text_trimmed
+from .text import encode_class_prompts, encode_text_bucketed, encode_text_trimmed, plan_text
 
 __all__ = [
     "LoRAAttention",
@@ -46,6 +46,7 @@ __all__ = [
     "merged_state_dict",
     "patch_fused",
     "patch_reference",
+    "plan_text",
     "save_adapter",
     "unmerge",
     "unpatch",

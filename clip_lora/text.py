@@ -203,6 +203,77 @@ def text_lengths(model: nn.Module, tokens: torch.Tensor) -> list[int] | None:
     return (_eot_positions(parts, tokens) + 1).tolist()
 
 
+@dataclass(frozen=True)
+class TextPlan:
+    """The bucket plan of one fixed batch of prompts, ready to run on its device.
+
+    The training loop encodes the very same class prompts every step, so it plans once
+    (:func:`plan_text`) and passes the plan to every :func:`encode_text_bucketed` call
+    (``plan=``).  Planning reads the end-of-text positions on the host: once per run
+    instead of one host sync (and one host-to-device copy of the sort order) per step,
+    which also keeps the step free of data-dependent host work between CUDA-graph
+    replays.  ``order`` (prompt indices sorted by length) and ``inverse`` (its inverse
+    permutation) live on the tokens' device; both are None for a single bucket.
+    """
+
+    buckets: BucketPlan
+    order: torch.Tensor | None
+    inverse: torch.Tensor | None
+
+    @property
+    def prompts(self) -> int:
+        """How many prompts the plan was computed for."""
+        return len(self.buckets.order)
+
+
+def _make_plan(tokens: torch.Tensor, eot: torch.Tensor, max_buckets: int | None, cost: float | None) -> TextPlan:
+    buckets = plan_buckets((eot + 1).tolist(), max_buckets=max_buckets, cost=cost)  # the host sync
+    if len(buckets.lengths) == 1:
+        return TextPlan(buckets, None, None)
+    order = torch.tensor(buckets.order, device=tokens.device)
+    # Back to the input order: row order[i] of the output is row i of the sorted run.
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order), device=order.device)
+    return TextPlan(buckets, order, inverse)
+
+
+def plan_text(
+    model: nn.Module, tokens: torch.Tensor, *, max_buckets: int | None = None, cost: float | None = None
+) -> TextPlan | None:
+    """The bucket plan :func:`encode_text_bucketed` would compute for ``tokens`` (one host
+    sync), to be passed as its ``plan=`` on every later call with these tokens.  None
+    where bucketing is not exact for ``model``'s text tower (it then runs
+    ``encode_text``, and takes no plan)."""
+    parts = _text_tower(model)
+    if parts is None:
+        return None
+    return _make_plan(tokens, _eot_positions(parts, tokens), max_buckets, cost)
+
+
+def _check_plan(plan: object, parts: SimpleNamespace | None, tokens: torch.Tensor, max_buckets, cost) -> None:
+    if not isinstance(plan, TextPlan):
+        raise TypeError(
+            f"plan must be a TextPlan from clip_lora.text.plan_text(model, tokens), got {type(plan).__name__}"
+        )
+    if max_buckets is not None or cost is not None:
+        raise ValueError("pass either plan= or max_buckets=/cost=, not both: the plan already fixes the buckets")
+    if parts is None:
+        raise ValueError(
+            "plan= was given, but this model's text tower cannot be run in buckets exactly "
+            "(plan_text returns None for it); pass plan=None"
+        )
+    if plan.prompts != tokens.shape[0]:
+        raise ValueError(
+            f"plan= was computed for {plan.prompts} prompts but tokens holds {tokens.shape[0]}; "
+            "compute the plan from these very tokens with plan_text(model, tokens)"
+        )
+    if plan.order is not None and plan.order.device != tokens.device:
+        raise ValueError(
+            f"plan= lives on {plan.order.device} but tokens on {tokens.device}; "
+            "compute the plan from the tokens on the device they run on"
+        )
+
+
 def encode_text_bucketed(
     model: nn.Module,
     tokens: torch.Tensor,
@@ -210,6 +281,7 @@ def encode_text_bucketed(
     *,
     max_buckets: int | None = None,
     cost: float | None = None,
+    plan: TextPlan | None = None,
 ) -> torch.Tensor:
     """``model.encode_text(tokens, normalize)`` with the prompts run in length buckets.
 
@@ -219,24 +291,30 @@ def encode_text_bucketed(
     at the EOT token), with gradients flowing through every bucket.  Towers where
     trimming is not exact fall back to ``encode_text``; one bucket is
     :func:`encode_text_trimmed`.
+
+    ``plan``: the plan :func:`plan_text` computed once from these tokens; the call then
+    plans nothing and syncs nothing.  Its prompt count and device are checked; that it
+    was computed from these very tokens is the caller's promise (checking the
+    end-of-text positions would be the host sync the plan exists to avoid).  Without
+    it, each call plans afresh (one host sync).
     """
     parts = _text_tower(model)
+    if plan is not None:
+        _check_plan(plan, parts, tokens, max_buckets, cost)
     if parts is None:
         return model.encode_text(tokens, normalize=normalize)
     eot = _eot_positions(parts, tokens)
-    plan = plan_buckets((eot + 1).tolist(), max_buckets=max_buckets, cost=cost)  # one host sync per batch
-    if len(plan.lengths) == 1:
-        x = _encode_prefix(parts, tokens, eot, plan.lengths[0])
+    if plan is None:
+        plan = _make_plan(tokens, eot, max_buckets, cost)
+    buckets = plan.buckets
+    if plan.order is None:
+        x = _encode_prefix(parts, tokens, eot, buckets.lengths[0])
     else:
-        order = torch.tensor(plan.order, device=tokens.device)
         feats = []
-        for b, length in enumerate(plan.lengths):
-            idx = order[plan.starts[b] : plan.starts[b + 1]]
+        for b, length in enumerate(buckets.lengths):
+            idx = plan.order[buckets.starts[b] : buckets.starts[b + 1]]
             feats.append(_encode_prefix(parts, tokens[idx], eot[idx], length))
-        # Back to the input order: row order[i] of the output is row i of the sorted run.
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(len(order), device=order.device)
-        x = torch.cat(feats)[inverse]
+        x = torch.cat(feats)[plan.inverse]
     return F.normalize(x, dim=-1) if normalize else x
 
 

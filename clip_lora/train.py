@@ -63,7 +63,7 @@ from .data import (
 from .errors import CheckpointError, ClipLoRAError, DivergenceError, PretrainedError, RunLockedError, reason
 from .evaluate import LOGIT_SCALE, TEMPLATE, autocast, evaluate, resolve_precision, text_features
 from .precision import resolve_storage, store_frozen_half
-from .text import class_prompts, encode_text_bucketed
+from .text import TextPlan, class_prompts, encode_text_bucketed, plan_text
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -581,8 +581,12 @@ def _loss_sum(
     logit_scale: float,
     rank: int,
     world: int,
+    text_plan: TextPlan | None = None,
 ) -> torch.Tensor:
     """Summed cross-entropy of this rank's images against all class prompts.
+
+    ``text_plan``: the bucket plan of this rank's shard of ``tokens``
+    (:func:`clip_lora.text.plan_text`, computed once per run); None plans it afresh.
 
     Text work under torchrun: each rank encodes only its contiguous shard of the class
     prompts and the features are all-gathered (``_GatherRows``).  That is exact, not an
@@ -598,7 +602,7 @@ def _loss_sum(
         if tokens is not None:
             lo, hi = _shard_bounds(num_classes, rank, world)
             rows = math.ceil(num_classes / world)
-            txt = F.normalize(encode_text_bucketed(model, tokens[lo:hi]).float(), dim=-1)
+            txt = F.normalize(encode_text_bucketed(model, tokens[lo:hi], plan=text_plan).float(), dim=-1)
             if world > 1:
                 # Pad to equal blocks for all_gather; the padding rows are sliced away again.
                 txt = _GatherRows.apply(F.pad(txt, (0, 0, 0, rows - (hi - lo))))
@@ -838,7 +842,8 @@ def compiled_towers(model: nn.Module, device: torch.device, *, backend: str | Ca
     What is compiled, and why not the whole step: :func:`train_step` calls
     ``loss.backward()``, the GradScaler (which reads ``found_inf`` on the host), the
     LR scheduler (a Python float every step) and, under torchrun, collectives; the
-    text path picks its trimmed length on the host.  None of that traces into one
+    text path runs one tower call per bucket, its lengths planned on the host (once
+    per run, :func:`clip_lora.text.plan_text`).  None of that traces into one
     graph, so ``fullgraph=True`` on the step cannot hold.  The towers are where the
     time goes (every LoRA projection, attention and MLP, forward and backward through
     AOTAutograd) and they trace whole: ``fullgraph=True`` makes any graph break an
@@ -1025,10 +1030,15 @@ def _train(cfg, rank, world, device, precision, stop_after, log) -> dict[str, An
             log(f"resumed from {ckpt_path} at iteration {start}/{total}")
     del ckpt
 
-    fixed_text = None
+    fixed_text = text_plan = None
     if not train_text:  # the text tower is frozen: its features are constants, encode them once
         model.eval()
         fixed_text = text_features(model, tokens, precision=precision)
+    else:
+        # Every step encodes the same prompts (this rank's shard): plan the buckets once,
+        # rather than one host sync per step.
+        lo, hi = _shard_bounds(data.num_classes, rank, world)
+        text_plan = plan_text(model, tokens[lo:hi])
 
     loader = torch.utils.data.DataLoader(
         ImageDataset(shots, train_transform(image_size, mean, std)),
@@ -1051,6 +1061,7 @@ def _train(cfg, rank, world, device, precision, stop_after, log) -> dict[str, An
             logit_scale=logit_scale,
             rank=rank,
             world=world,
+            text_plan=text_plan,
         )
 
     def save_checkpoint(done: int) -> None:

@@ -52,6 +52,12 @@ def test_every_provider_is_checked_and_recorded(bench_run):
     assert set(by_group["text EuroSAT"]) == set(workloads.TEXT_PROVIDERS)
     half = by_group["step EuroSAT"]["fused+bucket+half"]["extra_info"]["check_rel_err"]
     assert half["bf16 vs fp32-stored"] == {"logits": 0.0, "loss": 0.0, "grads": 0.0}
+    # The compiled step is checked eager as the half step is, then compiled against eager.
+    compiled = by_group["step EuroSAT"]["fused+bucket+half+compile"]["extra_info"]
+    assert compiled["check_rel_err"]["bf16 vs fp32-stored"] == half["bf16 vs fp32-stored"]
+    vs_eager = compiled["check_rel_err"]["bf16 compiled vs eager"]
+    assert set(vs_eager) == {"logits", "loss", "grads"}
+    assert all(0 <= e <= compiled["check_tol"]["bf16 compiled vs eager"] for e in vs_eager.values())
     for b in data["benchmarks"]:
         info = b["extra_info"]
         assert info["size"] == "small" and info["device"] == "cpu"
@@ -157,6 +163,24 @@ def test_report_text_rows_and_targets(tmp_path):
     assert "| text ImageNet | text fwd+bwd time bucketed ÷ trimmed | ≤ 0.7 | 0.60 | met |" in md
     assert "| ImageNet | bucketed | 3 | 9 11 18 | 9786 | 0.544 | 6 | 0.600 |" in md
     assert "| ImageNet | full | 1 | 77 | 77000 | 4.278 | 40 | 4.000 |" in md
+
+
+def test_report_step_options_table(tmp_path):
+    """The interleaved options measurement becomes one row per option, ratios as recorded."""
+    wall = {"fused": 0.2, "fused+trim": 0.05, "fused+bucket": 0.04}
+    effects = {
+        "trimmed text": {"without": "fused", "with": "fused+trim", "wall_ratio": 0.25, "cpu_ratio": 0.26},
+        "bucketed text": {"without": "fused+trim", "with": "fused+bucket", "wall_ratio": 0.8, "cpu_ratio": 0.79},
+    }
+    info = dict(kind="step-options", effects=effects, wall_s=wall, rounds=7, threads=1)
+    benches = [_bench("step options ImageNet c1000", "interleaved", 3000.0, **info)]
+    path = tmp_path / "cpu.json"
+    ctx = {"device": "CPU (2 cores)", "size": "small"}
+    path.write_text(json.dumps({"machine_info": {"clip_lora_bench": ctx}, "benchmarks": benches}))
+    report.main([str(path), "--out", str(tmp_path / "rep")])
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| ImageNet c1000 | trimmed text | fused+trim ÷ fused | 50 ÷ 200 | 0.250 | 0.260 | 7 × 1 thread(s) |" in md
+    assert "| ImageNet c1000 | bucketed text | fused+bucket ÷ fused+trim | 40 ÷ 50 | 0.800 | 0.790 |" in md
 
 
 def test_layer_check_catches_a_wrong_provider(monkeypatch):

@@ -15,7 +15,14 @@ from open_clip.model import CLIP
 from clip_lora import LoRAConfig, encode_text_bucketed, encode_text_trimmed, lora_parameters, patch_fused
 from clip_lora.data import imagenet_classes
 from clip_lora.evaluate import text_features
-from clip_lora.text import BUCKET_COST_TOKENS, class_prompts, encode_class_prompts, plan_buckets, text_lengths
+from clip_lora.text import (
+    BUCKET_COST_TOKENS,
+    class_prompts,
+    encode_class_prompts,
+    plan_buckets,
+    plan_text,
+    text_lengths,
+)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -257,3 +264,115 @@ def test_encode_class_prompts_buckets(monkeypatch, cost):
     # the default bucket cost (one run of 8), more than a zero cost (runs of 3 and 8).
     assert BUCKET_COST_TOKENS > 150
     assert runs == ([8] if cost is None else [3, 8])
+
+
+# --------------------------------------------------------------------------- a plan computed once
+
+
+def _plan_free(monkeypatch):
+    """Make planning an error: a call given its plan must not plan (nor sync) again."""
+
+    def no_planning(*args, **kwargs):
+        raise AssertionError("planned again although a plan was given")
+
+    monkeypatch.setattr("clip_lora.text.plan_buckets", no_planning)
+
+
+@pytest.mark.parametrize("max_buckets", [1, None])
+@pytest.mark.parametrize("custom", [False, True], ids=["MultiheadAttention", "open_clip.Attention"])
+def test_precomputed_plan_equals_per_call_planning(monkeypatch, custom, max_buckets):
+    model = patch_fused(tiny_clip(custom), LoRAConfig(encoder="text", dropout=0.0))
+    randomize_adapters(model)
+    model.positional_embedding.requires_grad_(True)
+    tokens = tiny_tokens(n=9, seed=5)
+    weights = torch.randn(len(tokens), model.text_projection.shape[1], generator=torch.Generator().manual_seed(2))
+    per_call = _features_and_grads(
+        model, lambda t: encode_text_bucketed(model, t, max_buckets=max_buckets, cost=0), tokens, weights
+    )
+    plan = plan_text(model, tokens, max_buckets=max_buckets, cost=0)
+    assert len(plan.buckets.lengths) == (1 if max_buckets else len(set(text_lengths(model, tokens))))
+    assert len(plan.buckets.lengths) == 1 or len(plan.buckets.lengths) > 2  # both paths of the code
+    _plan_free(monkeypatch)
+    seen = _run_lengths(model)
+    planned = _features_and_grads(model, lambda t: encode_text_bucketed(model, t, plan=plan), tokens, weights)
+    assert seen == list(plan.buckets.lengths)
+    # The same kernels on the same rows in the same order: bit for bit.
+    assert torch.equal(planned[0], per_call[0])
+    for got, ref in zip(planned[1], per_call[1], strict=True):
+        assert ref.abs().sum() > 0 and torch.equal(got, ref)
+    # And it is still the full-context result (not merely equal to another bucketed run).
+    assert _rel(planned[0], model.encode_text(tokens).detach()) < 1e-5
+
+
+def test_plan_that_does_not_match_the_tokens_is_refused():
+    model = patch_fused(tiny_clip(custom=False), LoRAConfig(dropout=0.0))
+    tokens = tiny_tokens(n=9, seed=5)
+    plan = plan_text(model, tokens, cost=0)
+    with pytest.raises(ValueError, match=r"computed for 9 prompts but tokens holds 5.*plan_text\(model, tokens\)"):
+        encode_text_bucketed(model, tokens[:5], plan=plan)
+    with pytest.raises(ValueError, match="computed for 9 prompts but tokens holds 10"):
+        encode_text_bucketed(model, tiny_tokens(n=10), plan=plan)
+    with pytest.raises(ValueError, match="either plan= or max_buckets=/cost="):
+        encode_text_bucketed(model, tokens, plan=plan, max_buckets=2)
+    with pytest.raises(TypeError, match="plan must be a TextPlan"):
+        encode_text_bucketed(model, tokens, plan=plan.buckets)
+    # A tower that cannot be bucketed has no plan, and refuses one.
+    model.attn_mask = None
+    assert plan_text(model, tokens) is None
+    with pytest.raises(ValueError, match="cannot be run in buckets exactly"):
+        encode_text_bucketed(model, tokens, plan=plan)
+
+
+def test_loss_sum_with_a_plan_equals_per_call(monkeypatch):
+    import clip_lora.train as train
+
+    model = patch_fused(tiny_clip(custom=False), LoRAConfig(dropout=0.0)).train()
+    randomize_adapters(model)
+    monkeypatch.setattr("clip_lora.text.BUCKET_COST_TOKENS", 0)
+    tokens = tiny_tokens(n=8, seed=7)
+    images, labels = torch.randn(2, 3, 32, 32), torch.tensor([0, 3])
+    kw = dict(fixed_text=None, num_classes=len(tokens), train_vision=True, precision="fp32", logit_scale=100.0)
+    params = lora_parameters(model)
+
+    def loss_and_grads(**more):
+        for p in params:
+            p.grad = None
+        loss = train._loss_sum(model, images, labels, tokens=tokens, rank=0, world=1, **kw, **more)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in params]
+
+    per_call = loss_and_grads()
+    plan = plan_text(model, tokens)
+    assert len(plan.buckets.lengths) > 1
+    _plan_free(monkeypatch)
+    planned = loss_and_grads(text_plan=plan)
+    assert torch.equal(planned[0], per_call[0])
+    assert all(torch.equal(g, r) for g, r in zip(planned[1], per_call[1], strict=True))
+
+
+def test_training_plans_the_text_once_per_run(tmp_path, monkeypatch):
+    """plan_buckets runs as often in a 6-iteration run as in a 1-iteration one: once for
+    the training prompts, once per evaluation, never per step."""
+    import json
+
+    import clip_lora.text as text_mod
+    from clip_lora.cli import DEMO_MODEL_CONFIG
+    from clip_lora.data import make_synthetic
+    from clip_lora.train import TrainConfig, train
+
+    make_synthetic(str(tmp_path / "data"), num_classes=4, train_per_class=2, test_per_class=1, image_size=32)
+    (tmp_path / "tiny.json").write_text(json.dumps(DEMO_MODEL_CONFIG))
+    calls = []
+    real = text_mod.plan_buckets
+    monkeypatch.setattr(text_mod, "plan_buckets", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    counts = []
+    for iterations in (1, 6):
+        calls.clear()
+        cfg = TrainConfig(
+            dataset="synthetic", root=str(tmp_path / "data"), output=str(tmp_path / f"run{iterations}"), shots=2,
+            seed=1, model=str(tmp_path / "tiny.json"), pretrained=None, batch_size=4, iterations=iterations,
+            num_workers=0, checkpoint_every=0, zero_shot=False, progress=False,
+        )  # fmt: skip
+        assert len(train(cfg)["loss_curve"]) == iterations
+        counts.append(len(calls))
+    assert counts == [2, 2]  # the training plan and the final evaluation's
