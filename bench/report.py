@@ -400,7 +400,10 @@ def plot(groups: dict[str, dict[str, Row]], out: Path, device: str) -> list[Path
     ax.set_xlabel("rank r")
     ax.set_ylabel("forward + backward (ms)")
     ax.set_title(f"ViT-B/16 vision qkv layer, bf16 ({device})")
-    ax.legend(fontsize=8)
+    if sweep:
+        ax.legend(fontsize=8)
+    else:  # a run without the rank sweep (e.g. text or step benchmarks only)
+        ax.text(0.5, 0.5, "no rank-sweep rows in this run", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     paths.append(out / "layer_rank_sweep.png")
     fig.savefig(paths[-1], dpi=120)
