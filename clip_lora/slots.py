@@ -140,11 +140,14 @@ class SlotAdapters(nn.Module):
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
         # Values are copied into place (also under load_state_dict(assign=True)): a
-        # packed Parameter cannot be replaced slot by slot.
+        # packed Parameter cannot be replaced slot by slot.  Every entry is checked
+        # before any is copied, so a bad entry leaves this module's adapters unchanged.
+        copies, bad = [], False
         for s in self.names:
             key = prefix + s
             if key not in state_dict:
                 missing_keys.append(key)
+                bad = bad or strict
                 continue
             value, target = state_dict[key], self[s]
             if not isinstance(value, torch.Tensor) or value.shape != target.shape:
@@ -153,9 +156,13 @@ class SlotAdapters(nn.Module):
                     f"size mismatch for {key}: copying a param with shape {shape} from checkpoint, "
                     f"the shape in current model is {tuple(target.shape)}."
                 )
+                bad = True
                 continue
+            copies.append((target, value))
+        if not bad:
             with torch.no_grad():
-                target.copy_(value)
+                for target, value in copies:
+                    target.copy_(value)
         if strict:
             for key in state_dict:
                 rest = key[len(prefix) :] if key.startswith(prefix) else None

@@ -274,11 +274,14 @@ def test_load_state_dict_round_trip_and_errors(pair):
 
     sd = plain.state_dict()
     key = next(k for k in sd if k.endswith("attn.lora_A.k"))
+    sibling = key.replace("lora_A.k", "lora_A.q")  # same packed Parameter
     before = fused.state_dict()[key].clone()
-    bad = dict(sd)
+    before_sibling = fused.state_dict()[sibling].clone()
+    bad = {k: v + 1 if k == sibling else v for k, v in sd.items()}
     bad[key] = torch.zeros(3, 3)
     with pytest.raises(RuntimeError, match=f"size mismatch for {key}"):
         fused.load_state_dict(bad)
+    assert torch.equal(fused.state_dict()[sibling], before_sibling)  # checked all, copied none
     missing = {k: v for k, v in sd.items() if k != key}
     with pytest.raises(RuntimeError, match=f"Missing key.*{key}"):
         fused.load_state_dict(missing)
