@@ -183,6 +183,22 @@ def test_report_step_options_table(tmp_path):
     assert "| ImageNet c1000 | bucketed text | fused+bucket ÷ fused+trim | 40 ÷ 50 | 0.800 | 0.790 |" in md
 
 
+def test_report_host_path_table(tmp_path):
+    """Host-path rows become µs per layer and ÷ their own floor (the chain ÷ the chain)."""
+    per_layer = {"F.linear": 40.0, "fused packed": 100.0, "nn.Linear": 50.0, "LoRALinear": 110.0}
+    per_layer |= {"F.linear x8 chain": 10.0, "fused packed x8 chain": 60.0}
+    benches = [
+        _bench(report.HOST_GROUP, p, us / 1e3, kind="host", min_us_per_layer=us) for p, us in per_layer.items()
+    ]
+    path = tmp_path / "cpu.json"
+    path.write_text(json.dumps({"machine_info": {"clip_lora_bench": {"device": "CPU"}}, "benchmarks": benches}))
+    report.main([str(path), "--out", str(tmp_path / "rep")])
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| fused packed | 100.0 | 2.50 |" in md
+    assert "| LoRALinear | 110.0 | 2.20 |" in md
+    assert "| fused packed x8 chain | 60.0 | 6.00 |" in md
+
+
 def test_layer_check_catches_a_wrong_provider(monkeypatch):
     """The check before timing is not vacuous: a provider off by a wrong scale fails it."""
     shape = workloads.layer_shapes("small")[0]
