@@ -680,6 +680,11 @@ class _LoRALinearFunction(torch.autograd.Function):
     Eager calls therefore come here; traced calls take the op (see
     :func:`_lora_linear_core`).  Both run the very same ``_triton_*``/``_torch_*``
     functions, so they agree bit for bit (tested).
+
+    ``torch.library.triton_op`` was the other candidate: it would let Inductor see the
+    kernels themselves, but its eager calls go through the same custom-op dispatch, and
+    the compiled step already runs the opaque op inside its CUDA graphs.  Without a GPU
+    to measure what Inductor would gain, the simpler op stays.
     """
 
     @staticmethod
