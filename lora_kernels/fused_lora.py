@@ -684,8 +684,8 @@ class _LoRALinearFunction(torch.autograd.Function):
     ``torch.library.triton_op`` was the other candidate: it would let Inductor see the
     kernels themselves, but its eager calls go through the same custom-op dispatch, and
     an opaque op that never syncs can already be captured in the compiled step's CUDA
-    graphs (not yet run on a GPU).  Without a GPU
-    to measure what Inductor would gain, the simpler op stays.
+    graphs (not yet run on a GPU).  Without a GPU to measure what Inductor would gain,
+    the simpler op stays.
     """
 
     @staticmethod
