@@ -12,6 +12,8 @@ stage gets SIGINT, as Ctrl-C, and pytest-benchmark saves the benchmarks that ran
    real-shape tests did not run), the session stops: nothing is timed;
 2. the headline layer ratios: ViT-B/16 q/k/v and out_proj, bf16, p = 0.25 and p = 0,
    every layer provider;
+   then (2h) the layer's host time per call with the real kernels on tiny shapes,
+   against ``F.linear`` (``bench/host_path.py``);
 3. the training step on EuroSAT (10 classes), DTD (47) and ImageNet (1000): fused,
    plain, frozen, with peak memory;
 4. the rest of ``bench/``, in parts (4a ...), as long as the budget lasts; a later call
@@ -203,6 +205,14 @@ STAGES: tuple[Stage, ...] = (
         warm=True,
     ),
     Stage(
+        "2h",
+        "host",
+        "layer host time per call: real launches on tiny shapes (and the CPU stub), fused ÷ F.linear",
+        60,
+        "stage2-layer",
+        select=lambda it: _fn(it) in ("test_host_path_cuda", "test_host_path"),
+    ),
+    Stage(
         "3",
         "step",
         "training step: EuroSAT, DTD, ImageNet; fused, plain, frozen; peak memory",
@@ -259,7 +269,8 @@ def parse_stages(text: str) -> list[Stage]:
     """``"1,2,3,4"`` -> those stages in session order; ``4`` means every part 4a ... 4e."""
     wanted: set[str] = set()
     for key in (k.strip() for k in text.split(",") if k.strip()):
-        parts = [s.key for s in STAGES if s.key == key or (key == "4" and s.key.startswith("4"))]
+        # "2" also runs its appendix 2h (the host path); "4" every part 4a ... 4e.
+        parts = [s.key for s in STAGES if s.key == key or (key in ("2", "4") and s.key.startswith(key))]
         if not parts:
             raise ValueError(f"--stages: unknown stage {key!r}; known: {', '.join(STAGE_KEYS)} (4 = all of 4a-4e)")
         wanted.update(parts)

@@ -22,9 +22,12 @@ Rows (q/k/v packed projection: K = 64, N = 3·64, M = 8 rows, r = 2, dropout 0.2
 * ``… x8 chain``: eight layers in a row and one backward, per layer (the backward's
   fixed Python cost shared, as in a real step).
 
-Not measured here: Triton's own launch overhead (three launches per forward+backward),
-which needs a GPU.  Under ``--compile`` on CUDA, graphs replay the whole step and
-neither cost exists.
+Triton's own launch overhead (three launches per forward+backward) is not in the
+stubbed rows; ``--cuda`` measures the same rows with the real kernels on a GPU, on
+shapes small enough that every call is bound by its host work.  Under ``--compile`` on
+CUDA, graphs replay the whole step and neither cost exists.
+
+    python -m bench.host_path --cuda [--json out.json]
 """
 
 from __future__ import annotations
@@ -94,7 +97,7 @@ def _via_custom_op() -> Iterator[None]:
         fused_lora.EAGER_VIA_CUSTOM_OP = False
 
 
-def make_runs(seed: int = 0) -> dict[str, Callable[[], None]]:
+def make_runs(seed: int = 0, device: str = "cpu") -> dict[str, Callable[[], None]]:
     """One forward+backward per provider on fresh random tensors; gradients are reset
     to None after each call, as ``optimizer.zero_grad()`` does every step."""
     from clip_lora.linear import LoRALinear
@@ -103,7 +106,7 @@ def make_runs(seed: int = 0) -> dict[str, Callable[[], None]]:
     N = SLOTS * K
 
     def randn(*shape, grad=False):
-        return torch.randn(*shape, generator=g).requires_grad_(grad)
+        return torch.randn(*shape, generator=g).to(device).requires_grad_(grad)
 
     x, weight, bias, dy = randn(M, K, grad=True), randn(N, K), randn(N), randn(M, N)
     a = [randn(RANK, K, grad=True) for _ in range(SLOTS)]
@@ -111,9 +114,10 @@ def make_runs(seed: int = 0) -> dict[str, Callable[[], None]]:
     a_cat = torch.cat(a).detach().requires_grad_(True)
     b_cat = torch.cat(b).detach().requires_grad_(True)
     layout = lora_kernels.slot_layout(K, [K] * SLOTS, RANK)
-    linear = torch.nn.Linear(K, N)
+    linear = torch.nn.Linear(K, N, device=device)
     linear.requires_grad_(False)
     module = LoRALinear(linear, slots=("q", "k", "v"), params=("q", "k", "v"), r=RANK, scale=SCALE, dropout=DROPOUT)
+    seeds = lambda: lora_kernels.draw_seed(device)  # noqa: E731
     module.train()
     leaves = [x, *a, *b, a_cat, b_cat, *module.parameters()]
     chain_w = [randn(K, K) for _ in range(CHAIN)]
@@ -128,7 +132,7 @@ def make_runs(seed: int = 0) -> dict[str, Callable[[], None]]:
             t.grad = None
 
     def packed() -> torch.Tensor:
-        seed = lora_kernels.draw_seed()
+        seed = seeds()
         return lora_kernels.lora_linear_packed(
             x, weight, bias, lora_a=a_cat, lora_b=b_cat, layout=layout, scale=SCALE, dropout_p=DROPOUT, seed=seed
         )
@@ -143,7 +147,7 @@ def make_runs(seed: int = 0) -> dict[str, Callable[[], None]]:
             if fused:
                 h = lora_kernels.lora_linear_packed(
                     h, chain_w[i], None, lora_a=chain_a[i], lora_b=chain_b[i], layout=chain_layout, scale=SCALE,
-                    dropout_p=DROPOUT, seed=lora_kernels.draw_seed(),
+                    dropout_p=DROPOUT, seed=seeds(),
                 )
             else:
                 h = F.linear(h, chain_w[i])
@@ -160,7 +164,7 @@ def make_runs(seed: int = 0) -> dict[str, Callable[[], None]]:
         ),
         "fused lists": lambda: done(
             lora_kernels.lora_linear(
-                x, weight, bias, lora_a=a, lora_b=b, scale=SCALE, dropout_p=DROPOUT, seed=lora_kernels.draw_seed()
+                x, weight, bias, lora_a=a, lora_b=b, scale=SCALE, dropout_p=DROPOUT, seed=seeds()
             ),
             dy,
         ),
@@ -178,20 +182,27 @@ def layers_per_call(name: str) -> int:
     return CHAIN if name.endswith("chain") else 1
 
 
-def measure(rounds: int = 30, calls: int = 50) -> dict[str, dict[str, float]]:
+def measure(rounds: int = 30, calls: int = 50, device: str = "cpu", stub: bool = True) -> dict[str, dict[str, float]]:
     """Microseconds per layer forward+backward: min and median over ``rounds`` rounds of
-    ``calls`` calls each, providers round-robin (the same load drift for all)."""
-    runs = make_runs()
+    ``calls`` calls each, providers round-robin (the same load drift for all).
+
+    ``stub=False`` with ``device="cuda"``: the real kernels on tiny shapes, where a call
+    is bound by its host work, Triton's launches included (each round ends with a
+    device synchronisation, so queued work is counted)."""
+    runs = make_runs(device=device)
     times: dict[str, list[float]] = {n: [] for n in runs}
-    with stubbed_kernels():
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    with stubbed_kernels() if stub else contextlib.nullcontext():
         for run in runs.values():
-            for _ in range(calls):  # warm up allocator and caches
+            for _ in range(calls):  # warm up allocator, caches and (unstubbed) the JIT
                 run()
+        sync()
         for _ in range(rounds):
             for name, run in runs.items():
                 t0 = time.perf_counter()
                 for _ in range(calls):
                     run()
+                sync()
                 times[name].append((time.perf_counter() - t0) / calls / layers_per_call(name) * 1e6)
     return {n: {"min_us": min(t), "median_us": statistics.median(t)} for n, t in times.items()}
 
@@ -210,11 +221,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument(
+        "--cuda", action="store_true", help="real kernels on a GPU (tiny shapes: host-bound) instead of stubs on CPU"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # host overhead, not arithmetic: one thread, less noise
-    result = measure(args.rounds)
+    device = "cuda" if args.cuda else "cpu"
+    result = measure(args.rounds, device=device, stub=not args.cuda)
     rel = ratios(result)
-    print(f"host time per layer forward+backward, kernels stubbed (CPU, torch {torch.__version__})")
+    where = f"real launches on {torch.cuda.get_device_name(0)}" if args.cuda else "kernels stubbed (CPU)"
+    print(f"host time per layer forward+backward, {where}, torch {torch.__version__}")
     print(f"{'provider':24s} {'min µs':>8s} {'median µs':>10s} {'÷ floor':>8s}")
     for name in PROVIDERS:
         row = result[name]
@@ -225,8 +241,10 @@ def main(argv: list[str] | None = None) -> None:
         import os
         import platform
 
+        cpu = f"CPU ({os.cpu_count()} cores), {platform.processor() or platform.machine()}"
         payload = {
-            "device": f"CPU ({os.cpu_count()} cores), {platform.processor() or platform.machine()}",
+            "device": torch.cuda.get_device_name(0) if args.cuda else cpu,
+            "kernels": "real" if args.cuda else "stubbed",
             "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "shape": {"M": M, "K": K, "slots": SLOTS, "rank": RANK, "dropout": DROPOUT},

@@ -214,13 +214,17 @@ def text_rows(groups: dict[str, dict[str, Row]]) -> list[list[str]]:
 
 
 HOST_GROUP = "host path (kernels stubbed)"
+HOST_GROUPS = {
+    HOST_GROUP: "with every kernel launch a no-op",
+    "host path (CUDA, real launches)": "with the real kernels on shapes too small to be GPU-bound",
+}
 
 
-def host_rows(groups: dict[str, dict[str, Row]]) -> list[list[str]]:
+def host_rows(groups: dict[str, dict[str, Row]], group: str = HOST_GROUP) -> list[list[str]]:
     """The host-path rows (``bench/test_host_path.py``): µs per layer and ÷ floor."""
     from .host_path import PROVIDERS, ratios
 
-    g = groups.get(HOST_GROUP, {})
+    g = groups.get(group, {})
     result = {p: {"min_us": r.info["min_us_per_layer"]} for p, r in g.items() if "min_us_per_layer" in r.info}
     if not result or any(f not in result for f in ("F.linear", "nn.Linear", "F.linear x8 chain")):
         return []
@@ -341,18 +345,19 @@ def render(context: dict, groups: dict[str, dict[str, Row]]) -> str:
         header = ["dataset", "provider", "buckets", "bucket lengths", "tokens", "tokens ÷ trimmed"]
         header += ["wall ÷ trimmed", "CPU time ÷ trimmed", "rounds"]
         lines += _table(header, ratio_rows)
-    host = host_rows(groups)
-    if host:
-        lines += [
-            "",
-            f"## Layer host path: {HOST_GROUP}",
-            "",
-            "Host time of one q/k/v projection's forward+backward with every kernel launch a no-op "
-            "(`bench/host_path.py`): minimum per layer over the rounds, ÷ its floor (`F.linear`, `nn.Linear`, "
-            "or the `F.linear` chain), same run. Target (issue 13): fused packed ÷ `F.linear` <= 2.",
-            "",
-        ]
-        lines += _table(["provider", "µs per layer (min)", "÷ floor"], host)
+    for group, what in HOST_GROUPS.items():
+        host = host_rows(groups, group)
+        if host:
+            lines += [
+                "",
+                f"## Layer host path: {group}",
+                "",
+                f"Host time of one q/k/v projection's forward+backward {what} (`bench/host_path.py`): minimum "
+                "per layer over the rounds, ÷ its floor (`F.linear`, `nn.Linear`, or the `F.linear` chain), "
+                "same run. Target (issue 13): fused packed ÷ `F.linear` <= 2.",
+                "",
+            ]
+            lines += _table(["provider", "µs per layer (min)", "÷ floor"], host)
     lines += ["", "## Layers: time in ms (÷ fused, same run)", ""]
     lines += _table(["group", *LAYER_ORDER], layer_rows(groups))
     lines += ["", "## Layers: peak memory (MiB, `max_memory_allocated` during one call)", ""]

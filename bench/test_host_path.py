@@ -36,6 +36,30 @@ def runs():
     return host_path.make_runs()
 
 
+@pytest.fixture(scope="module")
+def cuda_runs():
+    return host_path.make_runs(device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU: real launches on tiny shapes")
+@pytest.mark.parametrize("provider", host_path.PROVIDERS)
+def test_host_path_cuda(benchmark, cuda_runs, provider):
+    """The same rows with the real kernels on a GPU: host-bound, Triton's launches
+    included.  Each call ends with a synchronisation (the same few µs in every row);
+    ``python -m bench.host_path --cuda`` synchronises once per 50 calls instead."""
+    benchmark.group = "host path (CUDA, real launches)"
+    layers = host_path.layers_per_call(provider)
+    benchmark.extra_info.update(kind="host", provider=provider, layers_per_call=layers, device="cuda")
+    run = cuda_runs[provider]
+
+    def synced() -> None:
+        run()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(synced, rounds=20, iterations=50, warmup_rounds=1)
+    benchmark.extra_info["min_us_per_layer"] = benchmark.stats.stats.min * 1e6 / layers
+
+
 @pytest.mark.parametrize("provider", host_path.PROVIDERS)
 def test_host_path(benchmark, runs, provider):
     benchmark.group = "host path (kernels stubbed)"

@@ -328,6 +328,8 @@ def test_host_path_benchmark_harness_restores_the_kernels():
     originals = [getattr(fused_lora, n) for n in names]
     result = host_path.measure(rounds=1, calls=1)
     assert set(result) == set(host_path.PROVIDERS) and all(r["min_us"] > 0 for r in result.values())
+    real = host_path.measure(rounds=1, calls=1, stub=False)  # the --cuda code path, here on CPU
+    assert set(real) == set(host_path.PROVIDERS) and all(r["min_us"] > 0 for r in real.values())
     assert [getattr(fused_lora, n) for n in names] == originals
     assert lora_kernels.fused_lora.EAGER_VIA_CUSTOM_OP is False
 
