@@ -123,9 +123,37 @@ def _attention_form(attn: nn.Module) -> str:
 class MergeableLoRA(nn.Module):
     """Merge/unmerge shared by :class:`LoRAAttention` and :class:`~clip_lora.linear.LoRALinear`.
 
-    A subclass has ``scale``, ``lora_A``/``lora_B`` (per projection name), ``merged``,
-    ``_unmerged`` (a dict) and ``_targets()``: ``{name: (frozen weight, its rows)}``.
+    A subclass has ``scale``, ``dropout``, ``provider``, ``lora_A``/``lora_B``
+    (:class:`~clip_lora.slots.SlotAdapters`), ``_layouts`` (``{slots: SlotLayout}`` for
+    each packed projection), ``merged``, ``_unmerged`` (a dict) and ``_targets()``:
+    ``{name: (frozen weight, its rows)}``.
     """
+
+    def _lora_projection(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, names: tuple[str, ...]
+    ) -> torch.Tensor:
+        """``x Wᵀ + b`` plus the adapters of slots ``names`` (output slot s is ``names[s]``),
+        through the module's provider.  A fresh dropout seed per call: q/k/v (one call,
+        per-slot masks), o and every other projection never share a mask."""
+        p = self.dropout if self.training else 0.0
+        layout = self._layouts.get(names) if self.provider == "fused" else None
+        if layout is not None:
+            # The per-step path: adapters already packed, layout checked at construction.
+            seed = lora_kernels.draw_seed(x.device) if p > 0 else None
+            return lora_kernels.lora_linear_packed(
+                x, weight, bias, lora_a=self.lora_A.packed(names), lora_b=self.lora_B.packed(names), layout=layout,
+                scale=self.scale, dropout_p=p, seed=seed,
+            )
+        lora_a = [self.lora_A[n] if n in self.lora_A else None for n in names]
+        lora_b = [self.lora_B[n] if n in self.lora_B else None for n in names]
+        if self.provider == "plain":
+            return lora_kernels.plain_lora_linear(
+                x, weight, bias, lora_a=lora_a, lora_b=lora_b, scale=self.scale, dropout_p=p, training=self.training
+            )
+        seed = lora_kernels.draw_seed(x.device) if p > 0 else None
+        return lora_kernels.lora_linear(
+            x, weight, bias, lora_a=lora_a, lora_b=lora_b, scale=self.scale, dropout_p=p, seed=seed
+        )
 
     def delta(self, name: str) -> torch.Tensor:
         """``scale · B A`` of projection ``name`` (fp32): what merging adds to its weight rows."""
@@ -231,26 +259,7 @@ class LoRAAttention(MergeableLoRA):
         """One (possibly packed) projection; slot s of the output belongs to ``names[s]``."""
         if self.merged or not any(n in self.lora_A for n in names):
             return F.linear(x, weight, bias)
-        p = self.dropout if self.training else 0.0
-        a_cat = self.lora_A.packed(names) if self.provider == "fused" else None
-        if a_cat is not None:
-            # The per-step path: adapters already packed, layout checked at construction.
-            seed = lora_kernels.draw_seed(x.device) if p > 0 else None
-            return lora_kernels.lora_linear_packed(
-                x, weight, bias, lora_a=a_cat, lora_b=self.lora_B.packed(names), layout=self._layouts[names],
-                scale=self.scale, dropout_p=p, seed=seed,
-            )
-        lora_a = [self.lora_A[n] if n in self.lora_A else None for n in names]
-        lora_b = [self.lora_B[n] if n in self.lora_B else None for n in names]
-        if self.provider == "plain":
-            return lora_kernels.plain_lora_linear(
-                x, weight, bias, lora_a=lora_a, lora_b=lora_b, scale=self.scale, dropout_p=p, training=self.training
-            )
-        # A fresh seed per call: q/k/v (one call, per-slot masks) and o never share a mask.
-        seed = lora_kernels.draw_seed(x.device) if p > 0 else None
-        return lora_kernels.lora_linear(
-            x, weight, bias, lora_a=lora_a, lora_b=lora_b, scale=self.scale, dropout_p=p, seed=seed
-        )
+        return self._lora_projection(x, weight, bias, names)
 
     def forward(
         self,

@@ -85,10 +85,10 @@ class LoRALinear(MergeableLoRA):
             packed=packed, init="zeros", device=device,
         )
         # Checked once here; each call checks only shapes, dtypes and devices.
-        self._layout = (
-            lora_kernels.slot_layout(self.in_features, [self.slot_size] * len(self.slots), self.r)
+        self._layouts = (
+            {self.slots: lora_kernels.slot_layout(self.in_features, [self.slot_size] * len(self.slots), self.r)}
             if self.lora_A.packed(self.slots) is not None
-            else None
+            else {}
         )
         self.merged = False
         self._unmerged: dict[str, torch.Tensor] = {}
@@ -97,26 +97,7 @@ class LoRALinear(MergeableLoRA):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return F.linear(x, self.weight, self.bias)
-        p = self.dropout if self.training else 0.0
-        if self._layout is not None and self.provider == "fused":
-            # The per-step path: adapters already packed, layout checked at construction.
-            seed = lora_kernels.draw_seed(x.device) if p > 0 else None
-            return lora_kernels.lora_linear_packed(
-                x, self.weight, self.bias, lora_a=self.lora_A.packed(self.slots),
-                lora_b=self.lora_B.packed(self.slots), layout=self._layout, scale=self.scale, dropout_p=p, seed=seed,
-            )
-        lora_a = [self.lora_A[s] if s in self.lora_A else None for s in self.slots]
-        lora_b = [self.lora_B[s] if s in self.lora_B else None for s in self.slots]
-        if self.provider == "plain":
-            return lora_kernels.plain_lora_linear(
-                x, self.weight, self.bias, lora_a=lora_a, lora_b=lora_b, scale=self.scale, dropout_p=p,
-                training=self.training,
-            )
-        # A fresh seed per call: every adapted Linear of a block draws its own masks.
-        seed = lora_kernels.draw_seed(x.device) if p > 0 else None
-        return lora_kernels.lora_linear(
-            x, self.weight, self.bias, lora_a=lora_a, lora_b=lora_b, scale=self.scale, dropout_p=p, seed=seed
-        )
+        return self._lora_projection(x, self.weight, self.bias, self.slots)
 
     # -- merge / unmerge / unpatch -------------------------------------------
 
