@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import statistics
 import time
@@ -89,7 +90,8 @@ def stubbed_kernels() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _via_custom_op() -> Iterator[None]:
+def via_custom_op() -> Iterator[None]:
+    """Within the block, eager calls go through the custom op, as traced calls do."""
     fused_lora.EAGER_VIA_CUSTOM_OP = True
     try:
         yield
@@ -117,7 +119,7 @@ def make_runs(seed: int = 0, device: str = "cpu") -> dict[str, Callable[[], None
     linear = torch.nn.Linear(K, N, device=device)
     linear.requires_grad_(False)
     module = LoRALinear(linear, slots=("q", "k", "v"), params=("q", "k", "v"), r=RANK, scale=SCALE, dropout=DROPOUT)
-    seeds = lambda: lora_kernels.draw_seed(device)  # noqa: E731
+    seeds = functools.partial(lora_kernels.draw_seed, device)
     module.train()
     leaves = [x, *a, *b, a_cat, b_cat, *module.parameters()]
     chain_w = [randn(K, K) for _ in range(CHAIN)]
@@ -138,7 +140,7 @@ def make_runs(seed: int = 0, device: str = "cpu") -> dict[str, Callable[[], None
         )
 
     def packed_via_op() -> torch.Tensor:
-        with _via_custom_op():
+        with via_custom_op():
             return packed()
 
     def chain(fused: bool) -> torch.Tensor:

@@ -88,8 +88,9 @@ class SlotAdapters(nn.Module):
         """The one Parameter holding every slot of ``group`` in order (a one-slot group's
         own Parameter), or None when the group's slots are stored apart or not all adapted."""
         name = self._packed.get(group)
-        if name is None and len(group) == 1 and self._where.get(group[0], (None, slice(0)))[1] is None:
-            name = group[0]
+        if name is None and len(group) == 1 and group[0] in self._where:
+            pname, rows = self._where[group[0]]
+            name = pname if rows is None else None
         return None if name is None else getattr(self, name)
 
     # -- the mapping API (what ParameterDict offered) -------------------------

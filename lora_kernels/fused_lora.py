@@ -465,9 +465,10 @@ def _addressable(t: torch.Tensor, wide_dims: tuple[int, ...] = (0,)) -> torch.Te
 
 def _operands(x, weight, lora_a, lora_b):
     # Any layout the ops accept (strides are passed); copies only what int32 offsets
-    # cannot reach.  The common case (all contiguous) is decided in one expression.
+    # cannot reach.  The common case (all contiguous) is decided in one expression:
+    # x's and W's int32 part spans K columns, which A_cat's S·r·K elements bound.
     if x.is_contiguous() and weight.is_contiguous() and lora_a.is_contiguous() and lora_b.is_contiguous():
-        if max(x.shape[1], weight.shape[1], lora_a.numel(), lora_b.numel()) < _INT32_REACH:
+        if max(lora_a.numel(), lora_b.numel()) < _INT32_REACH:
             return x, weight, lora_a, lora_b
     return _addressable(x), _addressable(weight), _addressable(lora_a, ()), _addressable(lora_b, ())
 

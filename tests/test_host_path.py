@@ -20,6 +20,7 @@ import torch
 from clip_models import randomize_adapters, tiny_clip, tiny_tokens
 
 import lora_kernels
+from bench.host_path import via_custom_op
 from lora_kernels import fused_lora, lora_linear, lora_linear_packed, slot_layout
 
 SIZES = (16, 24, 16)  # unequal slots: one wider than the others
@@ -46,15 +47,6 @@ def _grads(y, dy, leaves):
     return out
 
 
-@contextlib.contextmanager
-def _via_op():
-    fused_lora.EAGER_VIA_CUSTOM_OP = True
-    try:
-        yield
-    finally:
-        fused_lora.EAGER_VIA_CUSTOM_OP = False
-
-
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("absent", [(), (1,)])
@@ -69,7 +61,7 @@ def test_eager_function_equals_custom_op(backend, dtype, absent):
         return _grads(y, dy, leaves)
 
     eager = run()
-    with _via_op():
+    with via_custom_op():
         traced = run()
     assert fused_lora.EAGER_VIA_CUSTOM_OP is False
     for e, t in zip(eager, traced, strict=True):
@@ -117,13 +109,19 @@ def test_three_dim_input_and_module_shape():
     assert y3.shape == (3, 4, 56) and torch.equal(y3.reshape(12, 56), y2)
 
 
-def test_backward_writes_every_partial(monkeypatch):
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_backward_writes_every_partial(monkeypatch, p):
     """The backward's partials, H, Y and dX come from torch.empty: poisoned with NaN, a
-    single element the kernels forget would show up in the result."""
-    x, w, b, a, bb, dy = _inputs(absent=(1,))
-    leaves = [x, *(t for t in a + bb if t is not None)]
-    args = dict(lora_a=a, lora_b=bb, slot_sizes=SIZES, scale=0.7, dropout_p=0.25, seed=3)
-    want = _grads(lora_linear(x, w, b, backend="torch", **args), dy, leaves)
+    single element the kernels forget shows up in the result.  Through the packed entry,
+    so the absent slot's rows of the packed gradients are visible too: exactly zero."""
+    sizes, R = SIZES, 3
+    x, w, b, a, bb, dy = _inputs(sizes=sizes, R=R, absent=(1,))
+    a_cat = torch.cat([a[0].detach(), torch.zeros(R, x.shape[1]), a[2].detach()]).requires_grad_(True)
+    b_cat = torch.cat([bb[0].detach(), torch.zeros(sizes[1], R), bb[2].detach()]).requires_grad_(True)
+    layout = slot_layout(x.shape[1], sizes, R, [True, False, True])
+    args = dict(lora_a=a_cat, lora_b=b_cat, layout=layout, scale=0.7, dropout_p=p, seed=3)
+    leaves = [x, a_cat, b_cat]
+    want = _grads(lora_linear_packed(x, w, b, backend="torch", **args), dy, leaves)
     real_empty = torch.empty
 
     def poisoned(*size, **kw):
@@ -131,10 +129,12 @@ def test_backward_writes_every_partial(monkeypatch):
         return t.fill_(float("nan")) if t.is_floating_point() else t
 
     monkeypatch.setattr(torch, "empty", poisoned)
-    got = _grads(lora_linear(x, w, b, backend="triton", **args), dy, leaves)
+    got = _grads(lora_linear_packed(x, w, b, backend="triton", **args), dy, leaves)
     monkeypatch.undo()
+    assert not got[2][R : 2 * R].any() and not got[3][sizes[0] : sizes[0] + sizes[1]].any()
     for g, r in zip(got, want, strict=True):
         assert torch.isfinite(g).all()
+        # fp32 kernels (interpreter) against the fp32 PyTorch path: summation order only.
         torch.testing.assert_close(g, r, rtol=2e-4, atol=2e-4)
 
 
