@@ -26,6 +26,7 @@ writing no adapter.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -789,6 +790,22 @@ def _claim_and_train(cfg, rank, world, device, precision, stop_after, force) -> 
 COMPILE_RECOMPILE_LIMIT = 64
 
 
+@contextlib.contextmanager
+def _dynamo_recompile_limit(limit: int) -> Iterator[None]:
+    """Dynamo's process-wide graphs-per-function limit raised to ``limit`` within the block
+    (for torch releases whose ``torch.compile`` takes no ``recompile_limit``); restored on exit."""
+    import torch._dynamo.config as dynamo_config
+
+    # The option was renamed from cache_size_limit; each release has one of the two names.
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    before = getattr(dynamo_config, name)
+    setattr(dynamo_config, name, max(before, limit))
+    try:
+        yield
+    finally:
+        setattr(dynamo_config, name, before)
+
+
 def compile_targets(model: nn.Module) -> dict[str, nn.Module]:
     """The modules ``--compile`` compiles, by name: open_clip's own vision tower (ViT or
     ResNet), and its text tower's block stack (the embedding, pooling and projection stay
@@ -860,22 +877,26 @@ def compiled_towers(model: nn.Module, device: torch.device, *, backend: str | Ca
     kwargs: dict[str, Any] = {"fullgraph": True, "dynamic": False, "backend": backend}
     if backend == "inductor":
         kwargs["options"] = compile_options(device)
-    for module in targets:
-        module.forward = torch.compile(
-            module.forward, recompile_limit=COMPILE_RECOMPILE_LIMIT, isolate_recompiles=True, **kwargs
-        )
-    try:
-        yield
-    finally:
+    per_call = "recompile_limit" in inspect.signature(torch.compile).parameters
+    if per_call:
+        kwargs.update(recompile_limit=COMPILE_RECOMPILE_LIMIT, isolate_recompiles=True)
+    # Older torch (2.11, say) has no per-call limit: raise Dynamo's global one for the block.
+    limits = contextlib.nullcontext() if per_call else _dynamo_recompile_limit(COMPILE_RECOMPILE_LIMIT)
+    with limits:
         for module in targets:
-            if "forward" in vars(module):
-                del module.forward
-        # Drop the compiled graphs (and CUDA-graph pools): the next run in this process
-        # (``reproduce`` trains many) has new modules and compiles afresh, while entries
-        # of dead models would still count toward Dynamo's accumulated recompile limit,
-        # a hard error under fullgraph=True after a few dozen runs.  This resets every
-        # torch.compile cache of the process, the caller's included.
-        torch.compiler.reset()
+            module.forward = torch.compile(module.forward, **kwargs)
+        try:
+            yield
+        finally:
+            for module in targets:
+                if "forward" in vars(module):
+                    del module.forward
+            # Drop the compiled graphs (and CUDA-graph pools): the next run in this process
+            # (``reproduce`` trains many) has new modules and compiles afresh, while entries
+            # of dead models would still count toward Dynamo's accumulated recompile limit,
+            # a hard error under fullgraph=True after a few dozen runs.  This resets every
+            # torch.compile cache of the process, the caller's included.
+            torch.compiler.reset()
 
 
 def train_step(

@@ -187,3 +187,24 @@ def test_inductor_run_resumes_like_an_eager_run(data):
     got, want = _adapter(str(data / "inductor")), _adapter(str(data / "eager-slow"))
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_towers_on_a_torch_without_a_per_call_recompile_limit(monkeypatch):
+    """torch 2.11 (the GPU machine's) has no ``torch.compile(recompile_limit=...)``: the
+    block raises Dynamo's global limit instead, and puts it back on exit."""
+    import torch._dynamo.config as dynamo_config
+
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    before = getattr(dynamo_config, name)
+    seen = {}
+
+    def old_compile(fn, *, fullgraph=False, dynamic=None, backend="inductor", mode=None, options=None, disable=False):
+        seen["limit"] = getattr(dynamo_config, name)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", old_compile)
+    model = tiny_clip(custom=False, depth=1)
+    with compiled_towers(model, torch.device("cpu"), backend="aot_eager"):
+        assert getattr(dynamo_config, name) == max(before, train_mod.COMPILE_RECOMPILE_LIMIT)
+    assert seen["limit"] == max(before, train_mod.COMPILE_RECOMPILE_LIMIT)
+    assert getattr(dynamo_config, name) == before

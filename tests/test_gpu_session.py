@@ -64,20 +64,27 @@ def test_stage_2_is_the_headline_layer_groups_with_every_provider(collected):
     assert sorted(assigned["2"]) == sorted(expected)
 
 
-def test_stage_3_is_three_datasets_fused_plain_frozen(collected):
+def test_stage_3_is_three_datasets_headline_providers(collected):
     assigned, _ = gs.assign(collected)
     expected = [
         f"bench/test_step.py::test_step[{d}-{p}]"
         for d in ("EuroSAT", "DTD", "ImageNet")
-        for p in ("fused", "plain", "frozen")
+        for p in ("fused", "plain", "frozen", "official", "fused+bucket+half")
     ]
     assert sorted(assigned["3"]) == sorted(expected)
+    assert assigned["3o"] and all("test_step_options" in i for i in assigned["3o"])
+
+
+def test_compiled_steps_come_after_the_eager_step_table(collected):
+    assigned, _ = gs.assign(collected)
+    assert assigned["4b"] and not any("+compile" in i for i in assigned["4b"])
+    assert any("test_step[" in i and "+compile" in i for i in assigned["4e"])
 
 
 def test_headline_stages_fit_their_limits_and_the_budget(collected):
     """The plan's own estimates for an 8-worker GPU machine: stages 1-3 (with 2h, the
-    host path) inside their limits (2, 3, 1 and 3 minutes), and inside the default 540 s
-    budget together."""
+    host path, and 3o, the step options) inside their limits, and inside the default
+    540 s budget together."""
     assigned, _ = gs.assign(collected)
     by_id = {it["nodeid"]: it for it in collected}
     tests = [{"nodeid": f"tests/t.py::t{i}", "function": "t", "params": {}} for i in range(190)]
@@ -87,12 +94,12 @@ def test_headline_stages_fit_their_limits_and_the_budget(collected):
         est = gs.estimate_s(stage, items, workers=gs.GPU_WORKERS)
         assert est <= stage.cap_s, f"stage {stage.key}: ~{est:.0f} s expected, limit {stage.cap_s} s"
         total += est
-    assert [s.cap_s for s in gs.parse_stages("1,2,3")] == [120, 180, 60, 180]
+    assert [s.cap_s for s in gs.parse_stages("1,2,3")] == [120, 180, 60, 180, 200]
     assert total <= 540
 
 
 def test_parse_stages():
-    assert [s.key for s in gs.parse_stages("3,1,4")] == ["1", "3", "4a", "4b", "4c", "4d", "4e"]
+    assert [s.key for s in gs.parse_stages("3,1,4")] == ["1", "3", "3o", "4a", "4b", "4c", "4d", "4e"]
     assert [s.key for s in gs.parse_stages("2")] == ["2", "2h"]
     assert [s.key for s in gs.parse_stages("4c, 4b")] == ["4b", "4c"]
     with pytest.raises(ValueError, match="unknown stage '5'"):
