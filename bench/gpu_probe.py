@@ -141,5 +141,45 @@ def main() -> int:
     return 0
 
 
+
+
+# --- second probe: the half-precision backward at S·r = SR_PAD (one process per run, so
+# an illegal access cannot poison the next) ----------------------------------------------
+def one(args: list[str]) -> None:  # noqa: D401
+    """``R S p dtype variant``: rel errors of one run, printed on one line."""
+    import triton
+
+    R, S, p, dtype, variant = int(args[0]), int(args[1]), float(args[2]), getattr(torch, args[3]), args[4]
+    sizes = [201] if S == 1 else [67, 67, 67][:S]
+    srp = fl.sr_pad(S, R)
+    key = ("backward", dtype != torch.float32, srp)
+    cfg = fl._CONFIGS[key]
+    if variant == "nospec":  # R and the B strides not specialised (divisibility by 16)
+        fl._lora_backward_kernel = triton.jit(fl._lora_backward_kernel.fn, do_not_specialize=["R", "stride_bn"])
+    elif variant == "nospec_fwd":
+        fl._lora_forward_kernel = triton.jit(fl._lora_forward_kernel.fn, do_not_specialize=["R", "stride_bn"])
+        fl._lora_shrink_kernel = triton.jit(fl._lora_shrink_kernel.fn, do_not_specialize=["R"])
+    elif variant != "base":
+        fields = dict(stages1=dict(num_stages=1), stages2=dict(num_stages=2), warps4=dict(num_warps=4),
+                      bm64=dict(block_m=64), bn32=dict(block_n=32), bk32=dict(block_k=32))[variant]
+        fl._CONFIGS[key] = dataclasses.replace(cfg, **fields)
+    case = make_case(150, 150, sizes, R, [True] * S, dtype, device="cuda", seed=3)
+    try:
+        got = run_fused(case, p=p, seed=11, backend="triton")
+        torch.cuda.synchronize()
+        ref = run_reference(case, p=p, seed=11)
+        errs = " ".join(
+            f"{rel_err(g, r):.1e}" if torch.isfinite(g).all() else "NaN" for g, r in zip(got, ref)
+        )
+    except Exception as err:
+        errs = f"ERR {type(err).__name__}: {str(err)[:80]}"
+    print(f"R{R} S{S} p{p} {args[3]} {variant:<10} {errs}", flush=True)
+
+
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "one":
+    one(sys.argv[2:])
+    raise SystemExit(0)
+
+
 if __name__ == "__main__":
     raise SystemExit(main())
