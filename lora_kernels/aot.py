@@ -127,6 +127,8 @@ def _signature_and_constants(spec: LaunchSpec):
             name.endswith("_ptr")
             or (spec.aligned and (name in _ALIGNED_INTS or name.startswith("stride_")))
         )
+        # What the JIT leaves unspecialised gets no hint here either.
+        and not (spec.kernel == "backward" and name in ll.BACKWARD_UNSPECIALIZED)
     ]
     attrs = {(i,): [["tt.divisibility", 16]] for i in hinted}
     return fn, signature, consts, attrs

@@ -270,7 +270,15 @@ def _lora_forward_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit
+# Integer arguments of the backward that the JIT must not specialise (by default an int
+# divisible by 16 is compiled with that hint).  With the hint, Triton 3.6 on sm_90 gave
+# wrong dX and dA for S·r = 16 on one slot (r = 16) in half precision at the 128×64×64
+# tiles, NaN without dropout (H100, bench/gpu_probe.py); without it they are right.
+# Both are index arithmetic on tiny tiles, so the hint buys nothing measurable.
+BACKWARD_UNSPECIALIZED = ("R", "stride_bn")
+
+
+@triton.jit(do_not_specialize=BACKWARD_UNSPECIALIZED)
 def _lora_backward_kernel(
     dy_ptr, w_ptr, x_ptr, h_ptr, a_ptr, b_ptr, seed_ptr, dx_ptr, part_ptr,
     M, N, K, R, num_slots, adapted, bound1, bound2, scale, threshold, keep_scale,
@@ -419,7 +427,10 @@ _CONFIGS: dict[tuple[str, bool, int], TileConfig] = {
     # Wider dH/dA tiles (S·R in 17..64) fit without spills only with 64-row tiles.
     **{("backward", True, p): _T(64, 64, 64, 8, 3) for p in (32, 64)},
     **{("backward", True, p): _T(32, 32, 32, 4, 2) for p in (128, 256)},
-    **{("backward", False, p): _T(32, 32, 32, 4, 2) for p in (16, 32, 64, 128, 256)},
+    # fp32: one stage.  Triton 3.6 pipelines the loop's dY loads into the conditional
+    # dB dot wrongly at 2 or 3 stages on sm_90 (dB off by ~100%, every layout; measured
+    # on an H100, bench/gpu_probe.py); tf32 dots or one stage are right.
+    **{("backward", False, p): _T(32, 32, 32, 4, 1) for p in (16, 32, 64, 128, 256)},
 }
 
 

@@ -41,8 +41,9 @@ def test_any_bias_and_weight_layout(backend, bias_layout):
     # by ~2.6, a stride-0 bias read past its allocation.  W and x as transposed views too.
     case = make_case(37, 45, [20, 23, 21], 3, [True, False, True], torch.float32, device=DEVICE)
     N = 64
-    bias = torch.randn(2 * N, device=DEVICE)[::2] if bias_layout == "strided" else torch.tensor([0.7]).expand(N)
-    case.bias = bias.to(DEVICE)
+    # Built on the device: .to(device) of an expanded tensor would copy it contiguous.
+    bias = torch.randn(2 * N, device=DEVICE)[::2] if bias_layout == "strided" else torch.tensor([0.7], device=DEVICE).expand(N)
+    case.bias = bias
     case.weight = case.weight.t().contiguous().t()
     case.x = case.x.t().contiguous().t()
     assert not (case.bias.is_contiguous() or case.weight.is_contiguous() or case.x.is_contiguous())
@@ -120,14 +121,15 @@ def test_dropout_mask_rejects_bad_seeds(seed, error):
 # --------------------------------------------------------------------------- opcheck
 
 
-def _layouts(M, K):
+def _layouts(M, K, device="cpu"):
     g = torch.Generator().manual_seed(0)
-    base = torch.randn(2 * M, 2 * K + 1, generator=g)
+    base = torch.randn(2 * M, 2 * K + 1, generator=g).to(device)
     return {
         "contiguous": base[:M, :K].contiguous(),
         "transposed": base[:K, :M].t(),  # unit stride along M
         "sliced": base[1 : M + 1, 1::2][:, :K],
-        "from_3d": torch.randn(K, 2, M // 2, generator=g).permute(1, 2, 0).reshape(M, K),  # a transposed view
+        # a transposed view
+        "from_3d": torch.randn(K, 2, M // 2, generator=g).to(device).permute(1, 2, 0).reshape(M, K),
     }
 
 
@@ -136,22 +138,23 @@ def _layouts(M, K):
 def test_opcheck_on_strided_inputs(layout, use_triton):
     # The backward's fake once returned empty_like(x): x's strides, while the real dX is
     # contiguous.  opcheck's test_faketensor compares the fake's strides with the real.
-    if use_triton:
+    if use_triton and not HAS_CUDA:
         fused_lora._use_triton("triton", torch.device("cpu"))  # installs the interpreter's bf16 patch
     M, K = 12, 10
-    x = _layouts(M, K)[layout]
+    x = _layouts(M, K, DEVICE)[layout]
     assert x.is_contiguous() == (layout == "contiguous")
-    case = make_case(M, K, [8, 8, 8], 2, [True, False, True], torch.float32)
-    a_cat = torch.cat([case.lora_a[0], torch.zeros(2, K), case.lora_a[2]]).requires_grad_()
-    b_cat = torch.cat([case.lora_b[0], torch.zeros(8, 2), case.lora_b[2]]).t().contiguous().t().requires_grad_()
-    seed = torch.tensor(-3)
+    case = make_case(M, K, [8, 8, 8], 2, [True, False, True], torch.float32, device=DEVICE)
+    zeros = torch.zeros(2, K, device=DEVICE)
+    a_cat = torch.cat([case.lora_a[0], zeros, case.lora_a[2]]).requires_grad_()
+    b_cat = torch.cat([case.lora_b[0], zeros.new_zeros(8, 2), case.lora_b[2]]).t().contiguous().t().requires_grad_()
+    seed = torch.tensor(-3, device=DEVICE)
     bounds, adapted = [8, 16, 24], 0b101
     w = case.weight.t().contiguous().t()
-    bias = torch.randn(48)[::2]
+    bias = torch.randn(48, device=DEVICE)[::2]
     fwd_args = (x.requires_grad_(), w, bias, a_cat, b_cat, seed, bounds, adapted, 0.5, 0.25, use_triton)
     torch.library.opcheck(fused_lora.lora_linear_fwd, fwd_args)
     h = fused_lora.lora_linear_fwd(*fwd_args)[1].detach()
-    dy = torch.randn(24, M).t()  # a transposed dY as well
+    dy = torch.randn(24, M, device=DEVICE).t()  # a transposed dY as well
     bwd_args = (dy, x.detach(), w, h, a_cat.detach(), b_cat.detach(), seed, bounds, adapted, 0.5, 0.25, use_triton)
     torch.library.opcheck(fused_lora.lora_linear_bwd, bwd_args)
 

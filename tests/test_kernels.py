@@ -144,3 +144,24 @@ def test_cuda_real_shapes(dtype, shape, p):
     case = make_case(m, k, sizes, 2, [True] * len(sizes), dtype, device="cuda")
     got = run_fused(case, p=p, seed=123, backend="triton")
     assert_close_to_reference(case, got, p=p, seed=123, dtype=dtype)
+
+
+# The first CUDA run (H100, triton 3.6, 2026-11-26) got these wrong: fp32 dB at every
+# layout (the pipelined loop's conditional dB dot), and half-precision dX/dA at r = 16 on
+# one slot (NaN without dropout) under the JIT's divisibility hint on R.  The interpreter
+# got them right; on a GPU they run compiled.
+@pytest.mark.parametrize(
+    "dtype,rank,sizes,p",
+    [
+        (torch.float16, 16, [201], 0.0),
+        (torch.float16, 16, [201], 0.25),
+        (torch.bfloat16, 16, [201], 0.25),
+        (torch.float32, 2, [67, 67, 67], 0.0),
+        (torch.float32, 16, [201], 0.25),
+    ],
+    ids=["fp16-r16-one-slot-p0", "fp16-r16-one-slot-p0.25", "bf16-r16-one-slot-p0.25", "fp32-qkv-r2", "fp32-r16"],
+)
+def test_first_gpu_run_regressions(dtype, rank, sizes, p):
+    case = make_case(M, K, sizes, rank, [True] * len(sizes), dtype, device=DEVICE, seed=3)
+    got = run_fused(case, p=p, seed=11, backend="triton")
+    assert_close_to_reference(case, got, p=p, seed=11, dtype=dtype)
