@@ -8,6 +8,8 @@ precision, three times each (an error that moves between runs is a race), and pr
 relative error of every output against the fp64 reference.
 
     python -m bench.gpu_probe [--out DIR]      # on the GPU machine, ~1 minute
+    # one process per run (an illegal access cannot poison the next), the second probe:
+    xargs -P 6 -L 1 python -m bench.gpu_probe one < bench/gpu_probe_runs.txt   # PYTHONPATH=.:tests
 """
 
 from __future__ import annotations
@@ -126,7 +128,8 @@ def main() -> int:
         CASES = [(*CASES[0][:-1], {"base": None})]
 
     t0 = time.time()
-    info = {"gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__, "triton": triton.__version__}
+    gpu = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
+    info = {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__}
     print(info, flush=True)
     rows = []
     try:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import lora_kernels
 from lora_kernels.reference import reference_lora_linear
 
-from .workloads import LAYER_PROVIDERS, STEP_PROVIDERS, LayerShape
+from .workloads import LAYER_PROVIDERS, OPTION_ONLY_PROVIDERS, STEP_PROVIDERS, LayerShape
 
 # ‖out − ref‖ / ‖ref‖ against an fp64 reference.  Rounding one output to the format
 # costs about 2⁻⁹ (bf16) or 2⁻¹² (fp16) relative; the plain providers add up to four
@@ -367,8 +367,9 @@ def build_step_model(
     from clip_lora.patch import lora_modules
     from clip_lora.precision import store_frozen_half
 
-    if provider not in STEP_PROVIDERS:
-        raise ValueError(f"unknown step provider {provider!r}; known: {', '.join(STEP_PROVIDERS)}")
+    known = STEP_PROVIDERS + OPTION_ONLY_PROVIDERS
+    if provider not in known:
+        raise ValueError(f"unknown step provider {provider!r}; known: {', '.join(known)}")
     model = copy.deepcopy(base).to(device)
     torch.manual_seed(seed)  # A's kaiming init draws from the global generator
     (patch_reference if provider in ("plain", "official") else patch_fused)(model, LoRAConfig())
@@ -407,14 +408,16 @@ def step_towers(model: torch.nn.Module, provider: str, device: torch.device) -> 
 
 def clip_logits(model: torch.nn.Module, provider: str, inputs: StepInputs) -> torch.Tensor:
     """``100 · cos(image feature, class-prompt feature)``: the paper's logits."""
-    from clip_lora import encode_text_bucketed, encode_text_trimmed, plan_text
+    from clip_lora import bucket_cost, encode_text_bucketed, encode_text_trimmed, plan_text
 
     image = model.encode_image(inputs.images, normalize=True)
     if "+bucket" in provider:
         if inputs.text_plan is None:
-            inputs.text_plan = plan_text(model, inputs.tokens)
+            # As the training loop plans: the per-bucket cost of a compiled or eager tower.
+            cost = bucket_cost(inputs.tokens.device, compiled="+compile" in provider)
+            inputs.text_plan = plan_text(model, inputs.tokens, cost=cost)
         text = encode_text_bucketed(model, inputs.tokens, normalize=True, plan=inputs.text_plan)
-    elif provider == "fused+trim":
+    elif "+trim" in provider:
         text = encode_text_trimmed(model, inputs.tokens, normalize=True)
     else:
         text = model.encode_text(inputs.tokens, normalize=True)

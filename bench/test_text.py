@@ -59,7 +59,7 @@ def test_text_tower(benchmark, text_case, device, dataset, provider):
     model, params, tokens, dy, ref = text_case(dataset)
     errs = check_text(model, provider, params, tokens, dy, ref)
     lengths = (tokens.argmax(dim=-1) + 1).tolist()
-    plan = text_plan(provider, lengths)
+    plan = text_plan(provider, lengths, device)
     n = len(lengths)
     dtype = torch.bfloat16 if device.type == "cuda" else None  # CPU: fp32, the exact path
     benchmark.group = f"text {dataset}"
@@ -132,15 +132,15 @@ def test_text_ratios(benchmark, text_case, device, dataset):
 
     benchmark.group = f"text ratios {dataset}"
     benchmark.pedantic(measure, rounds=1, iterations=1)
-    trimmed = text_plan("trimmed", lengths).tokens
+    trimmed = text_plan("trimmed", lengths, device).tokens
     wall = {p: min(t["wall"]) for p, t in result.items()}
     cpu = {p: statistics.median(t["cpu"]) for p, t in result.items()}
     rows = {
         p: {
-            "tokens": text_plan(p, lengths).tokens,
-            "buckets": len(text_plan(p, lengths).lengths),
-            "bucket_lengths": list(text_plan(p, lengths).lengths),
-            "tokens_ratio": text_plan(p, lengths).tokens / trimmed,
+            "tokens": text_plan(p, lengths, device).tokens,
+            "buckets": len(text_plan(p, lengths, device).lengths),
+            "bucket_lengths": list(text_plan(p, lengths, device).lengths),
+            "tokens_ratio": text_plan(p, lengths, device).tokens / trimmed,
             "wall_s": wall[p],
             "cpu_s": cpu[p],
             "wall_ratio": wall[p] / wall["trimmed"],

@@ -236,13 +236,14 @@ def step_flops(work: StepWorkload) -> int:
 
 def text_tokens(provider: str, tokens: torch.Tensor) -> int:
     """Tokens the text tower processes for ``tokens`` under a step provider: the full
-    context, the longest prompt per row (``+trim``) or the bucket plan (``+bucket``)."""
-    from clip_lora.text import plan_buckets
+    context, the longest prompt per row (``+trim``) or the bucket plan (``+bucket``, at
+    the per-bucket cost the step plans with on the tokens' device)."""
+    from clip_lora.text import bucket_cost, plan_buckets
 
     lengths = (tokens.argmax(dim=-1) + 1).tolist()
     if "+bucket" in provider:
-        return plan_buckets(lengths).tokens
-    if provider.endswith("+trim"):
+        return plan_buckets(lengths, cost=bucket_cost(tokens.device, compiled="+compile" in provider)).tokens
+    if "+trim" in provider:
         return max(lengths) * len(lengths)
     return tokens.shape[0] * tokens.shape[1]
 
@@ -264,6 +265,10 @@ STEP_PROVIDERS = (
     "frozen",
     "frozen+bucket+half",
 )
+# Only in test_step_options: the compiled step trimmed to one bucket, against which the
+# compiled bucketed step shows what bucketing does once CUDA graphs remove the host cost
+# of each bucket's pass (the per-bucket cost clip_lora.text.BUCKET_COST_TOKENS assumes).
+OPTION_ONLY_PROVIDERS = ("fused+trim+half+compile",)
 TEXT_PROVIDERS = ("full", "trimmed", "bucketed", "bucket1", "bucket2", "bucket4", "bucket8")
 
 
@@ -300,16 +305,17 @@ def dataset_classnames(dataset: str) -> list[str] | None:
     return None
 
 
-def text_plan(provider: str, lengths: list[int]):
-    """The bucket plan a text provider runs (``full``: None, the 77-token context)."""
-    from clip_lora.text import plan_buckets
+def text_plan(provider: str, lengths: list[int], device: torch.device | str = "cpu"):
+    """The bucket plan a text provider runs on ``device`` (``full``: None, the 77-token
+    context; ``bucketed``: the cost model at that device's eager per-bucket cost)."""
+    from clip_lora.text import bucket_cost, plan_buckets
 
     if provider == "full":
         return None
     if provider == "trimmed":
         return plan_buckets(lengths, max_buckets=1)
     if provider == "bucketed":
-        return plan_buckets(lengths)
+        return plan_buckets(lengths, cost=bucket_cost(device))
     if provider.startswith("bucket"):
         # At most K buckets chosen by tokens alone: what K buckets can do at best.
         return plan_buckets(lengths, max_buckets=int(provider.removeprefix("bucket")), cost=0)

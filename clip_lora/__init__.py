@@ -25,7 +25,7 @@ from .patch import (
     unmerge,
     unpatch,
 )
-from .text import encode_class_prompts, encode_text_bucketed, encode_text_trimmed, plan_text
+from .text import bucket_cost, encode_class_prompts, encode_text_bucketed, encode_text_trimmed, plan_text
 
 __all__ = [
     "LoRAAttention",
@@ -34,6 +34,7 @@ __all__ = [
     "count_trainable",
     "create_model",
     "encode_class_prompts",
+    "bucket_cost",
     "encode_text_bucketed",
     "encode_text_trimmed",
     "load_adapter",

@@ -107,7 +107,29 @@ def encode_text_trimmed(model: nn.Module, tokens: torch.Tensor, normalize: bool 
 # buckets, 9,786 tokens against 18,000 trimmed (a 3rd bucket saves 942, a 4th 250);
 # EuroSAT's 10 prompts stay one run.  On a CPU a token costs far more than a launch, so
 # any smaller cost would do there too; bench/test_text.py shows 1, 2, 4 and 8 buckets.
+# This is the cost on a CPU and for a step whose towers are compiled (on a GPU, CUDA
+# graphs); the compiled GPU figure is the reasoning above, not yet a measurement.
 BUCKET_COST_TOKENS = 512
+
+# The same cost for an eager step on a GPU, measured (H100, ViT-B/16, 2026-11-26,
+# bench/results/NVIDIA-H100-80GB-HBM3-20261126, test_step_options on the 1000 ImageNet
+# prompts): full context 77,000 tokens 124.7 ms, trimmed 18,000 tokens 51.6 ms, so a
+# token costs 1.24 µs; 3 buckets (9,786 tokens) took 71.1 ms, 19.5 ms MORE than one
+# bucket despite 8,214 fewer tokens (10.2 ms).  Each extra bucket cost ~14.8 ms, about
+# 12,000 tokens: an eager pass through the tower is bound by the host (Python and
+# ~430 launches, each a few µs of work at these sizes), not by the GPU.  At this cost
+# ImageNet's prompts stay one bucket, i.e. trimming; a bucket pays off only for prompt
+# sets where it saves more than 12,000 tokens.
+EAGER_GPU_BUCKET_COST_TOKENS = 12_000
+
+
+def bucket_cost(device: torch.device | str, *, compiled: bool = False) -> int:
+    """The per-bucket cost, in tokens, that the bucket plan uses on ``device``: the
+    eager-GPU figure (:data:`EAGER_GPU_BUCKET_COST_TOKENS`) for an eager tower on an
+    accelerator, else :data:`BUCKET_COST_TOKENS` (CPU, or towers run compiled)."""
+    if torch.device(device).type == "cpu" or compiled:
+        return BUCKET_COST_TOKENS
+    return EAGER_GPU_BUCKET_COST_TOKENS
 
 
 @dataclass(frozen=True)
@@ -227,6 +249,7 @@ class TextPlan:
 
 
 def _make_plan(tokens: torch.Tensor, eot: torch.Tensor, max_buckets: int | None, cost: float | None) -> TextPlan:
+    cost = bucket_cost(tokens.device) if cost is None else cost
     buckets = plan_buckets((eot + 1).tolist(), max_buckets=max_buckets, cost=cost)  # the host sync
     if len(buckets.lengths) == 1:
         return TextPlan(buckets, None, None)
@@ -243,7 +266,9 @@ def plan_text(
     """The bucket plan :func:`encode_text_bucketed` would compute for ``tokens`` (one host
     sync), to be passed as its ``plan=`` on every later call with these tokens.  None
     where bucketing is not exact for ``model``'s text tower (it then runs
-    ``encode_text``, and takes no plan)."""
+    ``encode_text``, and takes no plan).  ``cost`` (tokens per bucket) defaults to
+    :func:`bucket_cost` of the tokens' device for an eager tower; pass
+    ``bucket_cost(device, compiled=True)`` for a compiled one."""
     parts = _text_tower(model)
     if parts is None:
         return None
@@ -285,7 +310,8 @@ def encode_text_bucketed(
 ) -> torch.Tensor:
     """``model.encode_text(tokens, normalize)`` with the prompts run in length buckets.
 
-    The prompts are sorted by end-of-text position and split by :func:`plan_buckets`;
+    The prompts are sorted by end-of-text position and split by :func:`plan_buckets`
+    (at ``cost`` tokens per bucket, default :func:`bucket_cost` of the tokens' device);
     each bucket runs trimmed to its own longest prompt, and the features come back in
     the input order.  Exact for the same reason trimming is (causal attention, pooling
     at the EOT token), with gradients flowing through every bucket.  Towers where

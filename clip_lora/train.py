@@ -64,7 +64,7 @@ from .data import (
 from .errors import CheckpointError, ClipLoRAError, DivergenceError, PretrainedError, RunLockedError, reason
 from .evaluate import LOGIT_SCALE, TEMPLATE, autocast, evaluate, resolve_precision, text_features
 from .precision import resolve_storage, store_frozen_half
-from .text import TextPlan, class_prompts, encode_text_bucketed, plan_text
+from .text import TextPlan, bucket_cost, class_prompts, encode_text_bucketed, plan_text
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -1058,8 +1058,11 @@ def _train(cfg, rank, world, device, precision, stop_after, log) -> dict[str, An
     else:
         # Every step encodes the same prompts (this rank's shard): plan the buckets once,
         # rather than one host sync per step.
+        # The per-bucket cost depends on whether the text tower runs compiled: eager on a
+        # GPU, a bucket costs a whole host-bound pass (clip_lora.text.bucket_cost).
         lo, hi = _shard_bounds(data.num_classes, rank, world)
-        text_plan = plan_text(model, tokens[lo:hi])
+        text_compiled = cfg.compile and any(k != "visual" for k in compile_targets(model))
+        text_plan = plan_text(model, tokens[lo:hi], cost=bucket_cost(device, compiled=text_compiled))
 
     loader = torch.utils.data.DataLoader(
         ImageDataset(shots, train_transform(image_size, mean, std)),

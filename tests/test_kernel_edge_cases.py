@@ -42,7 +42,10 @@ def test_any_bias_and_weight_layout(backend, bias_layout):
     case = make_case(37, 45, [20, 23, 21], 3, [True, False, True], torch.float32, device=DEVICE)
     N = 64
     # Built on the device: .to(device) of an expanded tensor would copy it contiguous.
-    bias = torch.randn(2 * N, device=DEVICE)[::2] if bias_layout == "strided" else torch.tensor([0.7], device=DEVICE).expand(N)
+    if bias_layout == "strided":
+        bias = torch.randn(2 * N, device=DEVICE)[::2]
+    else:
+        bias = torch.tensor([0.7], device=DEVICE).expand(N)
     case.bias = bias
     case.weight = case.weight.t().contiguous().t()
     case.x = case.x.t().contiguous().t()

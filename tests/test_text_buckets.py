@@ -17,6 +17,8 @@ from clip_lora.data import imagenet_classes
 from clip_lora.evaluate import text_features
 from clip_lora.text import (
     BUCKET_COST_TOKENS,
+    EAGER_GPU_BUCKET_COST_TOKENS,
+    bucket_cost,
     class_prompts,
     encode_class_prompts,
     plan_buckets,
@@ -80,6 +82,40 @@ def test_plan_imagenet_lengths():
     k = len(chosen.lengths)
     more = plan_buckets(lengths, max_buckets=k + 1, cost=0)
     assert chosen.tokens - more.tokens <= BUCKET_COST_TOKENS
+
+
+def test_bucket_cost_follows_the_device_and_mode():
+    # Measured on an H100: an eager GPU pass per bucket costs ~12,000 tokens of work, so
+    # ImageNet's prompts stay one bucket there (bucketing = trimming); a CPU, or towers
+    # compiled into CUDA graphs, keep the small cost and 3 buckets.
+    assert bucket_cost("cpu") == bucket_cost("cpu", compiled=True) == BUCKET_COST_TOKENS
+    assert bucket_cost(torch.device("cuda")) == EAGER_GPU_BUCKET_COST_TOKENS
+    assert bucket_cost("cuda:0", compiled=True) == BUCKET_COST_TOKENS
+    tokens = open_clip.get_tokenizer("ViT-B-16")(class_prompts([n for _, n in imagenet_classes()]))
+    lengths = (tokens.argmax(-1) + 1).tolist()
+    assert len(plan_buckets(lengths, cost=bucket_cost("cuda")).lengths) == 1
+    assert len(plan_buckets(lengths, cost=bucket_cost("cuda", compiled=True)).lengths) == 3
+
+
+def test_plan_text_defaults_to_the_tokens_device_cost(monkeypatch):
+    """Without cost=, plan_text and encode_text_bucketed plan at bucket_cost(tokens.device)."""
+    import clip_lora.text as text_mod
+
+    model = tiny_clip(custom=False)
+    tokens = tiny_tokens(12)
+    seen = []
+    real = text_mod.bucket_cost
+    def spy(device, **k):
+        seen.append((str(device), k))
+        return real(device, **k)
+
+    monkeypatch.setattr(text_mod, "bucket_cost", spy)
+    plan_text(model, tokens)
+    encode_text_bucketed(model, tokens)
+    assert seen == [("cpu", {}), ("cpu", {})]
+    seen.clear()
+    plan_text(model, tokens, cost=7)
+    assert seen == []  # an explicit cost is used as given
 
 
 def test_plan_rejects_bad_input():
@@ -376,3 +412,29 @@ def test_training_plans_the_text_once_per_run(tmp_path, monkeypatch):
         assert len(train(cfg)["loss_curve"]) == iterations
         counts.append(len(calls))
     assert counts == [2, 2]  # the training plan and the final evaluation's
+
+
+@pytest.mark.parametrize("compile_", [False, True])
+def test_training_plans_at_the_cost_of_its_mode(tmp_path, monkeypatch, compile_):
+    """The training loop plans its prompts at bucket_cost(device, compiled=--compile)."""
+    import json
+
+    import clip_lora.train as train_mod
+    from clip_lora.cli import DEMO_MODEL_CONFIG
+    from clip_lora.data import make_synthetic
+    from clip_lora.train import TrainConfig, train
+
+    make_synthetic(str(tmp_path / "data"), num_classes=4, train_per_class=2, test_per_class=1, image_size=32)
+    (tmp_path / "tiny.json").write_text(json.dumps(DEMO_MODEL_CONFIG))
+    seen = []
+    real = train_mod.bucket_cost
+    monkeypatch.setattr(train_mod, "bucket_cost", lambda device, **k: (seen.append(k), real(device, **k))[1])
+    # The towers themselves run eager here: the wiring, not Inductor, is under test.
+    monkeypatch.setattr(train_mod, "compiled_towers", lambda *a, **k: __import__("contextlib").nullcontext())
+    cfg = TrainConfig(
+        dataset="synthetic", root=str(tmp_path / "data"), output=str(tmp_path / "run"), shots=2, seed=1,
+        model=str(tmp_path / "tiny.json"), pretrained=None, batch_size=4, iterations=1, num_workers=0,
+        checkpoint_every=0, zero_shot=False, progress=False, compile=compile_,
+    )  # fmt: skip
+    train(cfg)
+    assert seen == [{"compiled": compile_}]
