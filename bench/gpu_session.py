@@ -11,7 +11,8 @@ stage gets SIGINT, as Ctrl-C, and pytest-benchmark saves the benchmarks that ran
 1. the correctness tests on CUDA, at real shapes among them.  If one fails (or the
    real-shape tests did not run), the session stops: nothing is timed;
 2. the headline layer ratios: ViT-B/16 q/k/v and out_proj, bf16, p = 0.25 and p = 0,
-   every layer provider;
+   every layer provider, eager and (``test_layer_graph``) captured in a CUDA graph, which
+   times the kernels without the host;
    then (2h) the layer's host time per call with the real kernels on tiny shapes,
    against ``F.linear`` (``bench/host_path.py``);
 3. the training step on EuroSAT (10 classes), DTD (47) and ImageNet (1000): fused,
@@ -201,10 +202,12 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "2",
         "layer",
-        "layer ratios: ViT-B/16 qkv + out_proj, bf16, p 0.25 and 0, every provider",
+        "layer ratios: ViT-B/16 qkv + out_proj, bf16, p 0.25 and 0, every provider, eager and CUDA-graphed",
         180,
         "stage2-layer",
-        select=lambda it: _bf16_fwdbwd_layer(it) and _p(it, "shape") in HEADLINE_SHAPES,
+        select=lambda it: (
+            (_bf16_fwdbwd_layer(it) and _p(it, "shape") in HEADLINE_SHAPES) or _fn(it) == "test_layer_graph"
+        ),
         warm=True,
     ),
     Stage(
@@ -560,6 +563,10 @@ def headline(groups: dict[str, dict[str, dict]]) -> list[dict]:
             add("plain ÷ fused", group, "plain", "fused", "≥ 1.8")
             add("official-style ÷ fused", group, "official-style", "fused", "≥ 3")
             add("plain+compile ÷ fused", group, "plain+compile", "fused", "≥ 1.3")
+            # The kernels alone (CUDA-graph replays): no host time on either side.
+            graphed = f"{group} graph"
+            add("fused ÷ frozen (graphs)", graphed, "fused", "frozen", "≤ 1.15")
+            add("plain ÷ fused (graphs)", graphed, "plain", "fused", "≥ 1.8")
     for dataset in HEADLINE_DATASETS:
         add("step plain ÷ fused", f"step {dataset}", "plain", "fused", "≥ 1.25")
         add("step fused ÷ frozen", f"step {dataset}", "fused", "frozen", "none (the floor is 1)")

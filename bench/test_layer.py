@@ -5,7 +5,9 @@ dropout and mode, so ``bench.report`` can divide each by ``fused`` from the same
 
 * the main matrix: every layer shape x {bf16, fp16} x every mode, r = 2, p = 0.25;
 * a rank sweep on the ViT-B/16 vision qkv projection (bf16, forward+backward);
-* p = 0 on every shape (bf16, forward+backward): the kernels without a dropout mask.
+* p = 0 on every shape (bf16, forward+backward): the kernels without a dropout mask;
+* on a GPU, the headline shapes' forward+backward captured in a CUDA graph
+  (``fwd+bwd graph``): the kernels' own time, without the host's Python and launches.
 
 Each benchmark first checks its provider against the fp64 reference on the very inputs
 it then times (:func:`bench.providers.check_layer`).
@@ -16,9 +18,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .measure import LAYER_BUDGET, run_benchmark
+from .measure import LAYER_BUDGET, cuda_graph, run_benchmark
 from .providers import LAYER_PROVIDERS, TOLERANCES, check_layer, layer_forward, make_layer_case
-from .workloads import DROPOUT, DTYPES, MODES, RANK, RANKS, LayerShape, bench_size, layer_flops, layer_shapes
+from .workloads import (
+    DROPOUT,
+    DTYPES,
+    GRAPH_MODE,
+    MODES,
+    RANK,
+    RANKS,
+    LayerShape,
+    bench_size,
+    layer_flops,
+    layer_shapes,
+)
 
 SIZE = bench_size()
 SHAPES = layer_shapes(SIZE)
@@ -59,6 +72,11 @@ def bench_layer(benchmark, provider: str, shape: LayerShape, dtype: str, rank: i
         def fn() -> None:
             forward().backward(case.dy)
 
+    grad_to_none = case.grad_tensors()
+    if mode == GRAPH_MODE:
+        fn = cuda_graph(fn, DEVICE, grads=grad_to_none)
+        grad_to_none = []  # the graph owns the gradients: every replay rewrites them
+
     benchmark.group = f"layer {shape.name} {dtype} r{rank} p{p} {mode}"
     benchmark.extra_info.update(
         kind="layer",
@@ -75,9 +93,8 @@ def bench_layer(benchmark, provider: str, shape: LayerShape, dtype: str, rank: i
         check_p=p if provider == "fused" else 0.0,
     )
     flops = layer_flops(shape, rank, mode, lora=provider != "frozen")
-    run_benchmark(
-        benchmark, fn, device=DEVICE, budget=LAYER_BUDGET[DEVICE.type], flops=flops, grad_to_none=case.grad_tensors()
-    )
+    budget = LAYER_BUDGET[DEVICE.type]
+    run_benchmark(benchmark, fn, device=DEVICE, budget=budget, flops=flops, grad_to_none=grad_to_none)
 
 
 @pytest.mark.parametrize("provider", LAYER_PROVIDERS)
@@ -98,3 +115,18 @@ def test_layer_rank_sweep(benchmark, rank, provider):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.name)
 def test_layer_no_dropout(benchmark, shape, provider):
     bench_layer(benchmark, provider, shape, "bf16", RANK, 0.0, "fwd+bwd")
+
+
+# The headline shapes under CUDA graphs.  plain+compile is left out: a compiled function
+# inside a hand-made capture is not how anyone runs it (--compile makes its own graphs).
+GRAPH_SHAPES = ("vitb16-vision-qkv", "vitb16-vision-out")
+GRAPH_PROVIDERS = tuple(p for p in LAYER_PROVIDERS if p != "plain+compile")
+
+
+@pytest.mark.parametrize("provider", GRAPH_PROVIDERS)
+@pytest.mark.parametrize("p", [DROPOUT, 0.0], ids=lambda p: f"p{p}")
+@pytest.mark.parametrize("shape", [s for s in SHAPES if s.name in GRAPH_SHAPES], ids=lambda s: s.name)
+def test_layer_graph(benchmark, shape, p, provider):
+    if DEVICE.type != "cuda":
+        pytest.skip("CUDA graphs need a GPU: this row is the kernels' time without the host's")
+    bench_layer(benchmark, provider, shape, "bf16", RANK, p, GRAPH_MODE)

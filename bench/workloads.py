@@ -45,6 +45,9 @@ RANK = 2
 DROPOUT = 0.25
 RANKS = (1, 2, 4, 8, 16, 32, 64)
 MODES = ("forward", "backward", "fwd+bwd")
+# Forward+backward captured in a CUDA graph and replayed: the kernels' GPU time without
+# the host's (bench/test_layer.py::test_layer_graph, CUDA only).
+GRAPH_MODE = "fwd+bwd graph"
 
 
 def bench_size() -> str:
@@ -120,7 +123,7 @@ def layer_flops(shape: LayerShape, rank: int, mode: str, *, lora: bool = True) -
         bwd = base + 4 * M * N * rank + 4 * M * K * rank * S
     else:
         fwd = bwd = base
-    return {"forward": fwd, "backward": bwd, "fwd+bwd": fwd + bwd}[mode]
+    return {"forward": fwd, "backward": bwd, "fwd+bwd": fwd + bwd, GRAPH_MODE: fwd + bwd}[mode]
 
 
 # =============================================================================

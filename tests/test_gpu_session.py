@@ -60,6 +60,12 @@ def test_stage_2_is_the_headline_layer_groups_with_every_provider(collected):
         f"bench/test_layer.py::test_layer_no_dropout[{shape}-{p}]"
         for shape in gs.HEADLINE_SHAPES
         for p in providers.LAYER_PROVIDERS
+    ] + [
+        f"bench/test_layer.py::test_layer_graph[{shape}-p{p}-{provider}]"
+        for shape in gs.HEADLINE_SHAPES
+        for p in (0.25, 0.0)
+        for provider in providers.LAYER_PROVIDERS
+        if provider != "plain+compile"
     ]
     assert sorted(assigned["2"]) == sorted(expected)
 
