@@ -369,3 +369,78 @@ def test_host_path_never_syncs_with_the_device(path):
     names = {str(op) for op in rec.ops}
     assert "aten.randint.low" in names or any(n.startswith("aten.randint") for n in names)  # the mode saw the call
     assert not [n for n in names if "_local_scalar_dense" in n or n.startswith("aten.item")], sorted(names)
+
+
+# --------------------------------------------------------------------------- CUDA graphs
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU")
+
+
+def _capture(fn):
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_layer_replays_in_a_cuda_graph(dtype):
+    """Forward+backward captured once and replayed equals eager calls: the seed is read on
+    the device inside the graph (a new value in the same tensor gives the new mask), and
+    nothing in the call syncs or allocates outside the graph's pool."""
+    g = torch.Generator().manual_seed(0)
+    M, K, R = 70, 64, 2
+    layout = slot_layout(K, [K, K, K], R)
+    x = (torch.randn(M, K, generator=g)).cuda().to(dtype).requires_grad_()
+    w = (torch.randn(3 * K, K, generator=g) * K**-0.5).cuda().to(dtype)
+    a = (torch.randn(3 * R, K, generator=g) * K**-0.5).cuda().requires_grad_()
+    b = (torch.randn(3 * K, R, generator=g) * R**-0.5).cuda().requires_grad_()
+    dy = torch.randn(M, 3 * K, generator=g).cuda().to(dtype)
+    seed = torch.tensor(5, device="cuda")
+
+    def step():
+        for t in (x, a, b):
+            t.grad = None
+        y = lora_linear_packed(x, w, None, lora_a=a, lora_b=b, layout=layout, scale=0.5, dropout_p=0.25, seed=seed)
+        y.backward(dy)
+        return y
+
+    def eager(value):
+        seed.fill_(value)
+        y = step().detach().clone()
+        return [y, x.grad.clone(), a.grad.clone(), b.grad.clone()]
+
+    want = {v: eager(v) for v in (5, 6)}
+    graph, y = _capture(step)
+    for v in (6, 5):
+        seed.fill_(v)
+        graph.replay()
+        got = [y, x.grad, a.grad, b.grad]
+        for g_, w_ in zip(got, want[v]):
+            torch.testing.assert_close(g_, w_, rtol=0, atol=0)
+    assert not torch.equal(want[5][2], want[6][2]), "a new seed must give new masks"
+
+
+@needs_cuda
+def test_drawn_seed_advances_with_every_replay():
+    """draw_seed inside a captured graph draws a fresh seed on each replay (CUDA's
+    generator is graph-safe), so a graphed training step does not repeat its masks."""
+    out = torch.empty((), dtype=torch.int64, device="cuda")
+
+    def draw():
+        out.copy_(lora_kernels.draw_seed(torch.device("cuda")))
+        return out
+
+    graph, _ = _capture(draw)
+    seen = set()
+    for _ in range(4):
+        graph.replay()
+        seen.add(int(out))
+    assert len(seen) == 4
