@@ -59,6 +59,27 @@ class LayerCase:
     lora_a: list[torch.Tensor]
     lora_b: list[torch.Tensor]
     dy: torch.Tensor
+    # The same adapters packed, as patched modules hold them (one A [S·r, K] and one B
+    # [N, r] leaf per projection, clip_lora.slots): what the fused provider runs on.
+    packed_a: torch.Tensor | None = None
+    packed_b: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.packed_a is None:
+            self.packed_a = torch.cat([a.detach() for a in self.lora_a]).requires_grad_()
+            self.packed_b = torch.cat([b.detach() for b in self.lora_b]).requires_grad_()
+
+    @property
+    def layout(self):
+        return lora_kernels.slot_layout(self.shape.K, self.shape.slot_sizes, self.rank)
+
+    def packed_grads(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(dA_s, dB_s) per slot, sliced from the packed leaves' gradients."""
+        r, out, row = self.rank, [], 0
+        for s, n in enumerate(self.shape.slot_sizes):
+            out.append((self.packed_a.grad[s * r : (s + 1) * r], self.packed_b.grad[row : row + n]))
+            row += n
+        return out
 
     @property
     def scale(self) -> float:
@@ -69,7 +90,7 @@ class LayerCase:
         return self.x.device
 
     def grad_tensors(self) -> list[torch.Tensor]:
-        return [self.x, *self.lora_a, *self.lora_b]
+        return [self.x, *self.lora_a, *self.lora_b, self.packed_a, self.packed_b]
 
     def zero_grads(self) -> None:
         for t in self.grad_tensors():
@@ -150,10 +171,14 @@ def layer_forward(
     device_type = case.device.type
 
     if provider == "fused":
+        # The packed entry with a layout checked once: what a patched module calls.
+        layout, a_cat, b_cat = case.layout, case.packed_a, case.packed_b
 
         def run() -> torch.Tensor:
             s = seed if seed is not None else (lora_kernels.draw_seed(case.device) if p > 0 else None)
-            return lora_kernels.lora_linear(x, w, b, dropout_p=p, seed=s, **common)
+            return lora_kernels.lora_linear_packed(
+                x, w, b, lora_a=a_cat, lora_b=b_cat, layout=layout, scale=case.scale, dropout_p=p, seed=s
+            )
 
     elif provider == "plain":
 
@@ -244,8 +269,12 @@ def check_layer(provider: str, case: LayerCase) -> dict[str, float]:
     y.backward(case.dy)
     got = {"y": y, "dx": case.x.grad}
     if lora:
-        for s, (a, b) in enumerate(zip(case.lora_a, case.lora_b, strict=True)):
-            got[f"dA{s}"], got[f"dB{s}"] = a.grad, b.grad
+        if provider == "fused":
+            pairs = case.packed_grads()
+        else:
+            pairs = [(a.grad, b.grad) for a, b in zip(case.lora_a, case.lora_b, strict=True)]
+        for s, (da, db) in enumerate(pairs):
+            got[f"dA{s}"], got[f"dB{s}"] = da, db
     errs = {name: rel_err(got[name], ref[name]) for name in ref}
     case.zero_grads()
     tol = TOLERANCES[case.dtype]
