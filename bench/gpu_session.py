@@ -12,7 +12,8 @@ stage gets SIGINT, as Ctrl-C, and pytest-benchmark saves the benchmarks that ran
    real-shape tests did not run), the session stops: nothing is timed;
 2. the headline layer ratios: ViT-B/16 q/k/v and out_proj, bf16, p = 0.25 and p = 0,
    every layer provider, eager and (``test_layer_graph``) captured in a CUDA graph, which
-   times the kernels without the host;
+   times the kernels without the host, and (``test_layer_profile``) each op's host and
+   device time;
    then (2h) the layer's host time per call with the real kernels on tiny shapes,
    against ``F.linear`` (``bench/host_path.py``);
 3. the training step on EuroSAT (10 classes), DTD (47) and ImageNet (1000): fused,
@@ -209,7 +210,8 @@ STAGES: tuple[Stage, ...] = (
         180,
         "stage2-layer",
         select=lambda it: (
-            (_bf16_fwdbwd_layer(it) and _p(it, "shape") in HEADLINE_SHAPES) or _fn(it) == "test_layer_graph"
+            (_bf16_fwdbwd_layer(it) and _p(it, "shape") in HEADLINE_SHAPES)
+            or _fn(it) in ("test_layer_graph", "test_layer_profile")
         ),
         warm=True,
     ),

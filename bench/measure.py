@@ -153,3 +153,45 @@ def run_benchmark(
         info["timer"] = "host clock, pytest-benchmark median (CPU work is synchronous)"
     if info.get("time_ms"):
         info["tflops"] = flops / (info["time_ms"] * 1e-3) / 1e12
+
+
+def profile_ops(fn: Callable[[], object], device: torch.device, calls: int = 20, top: int = 25) -> dict:
+    """Per call of ``fn``: host and device time of each op, from ``torch.profiler``.
+
+    Splits a layer call into what the host spends (Python-visible ops, Triton's
+    launcher, allocations) and what each kernel takes on the device, which neither
+    ``do_bench`` (events around the whole call) nor a CUDA-graph replay (device time of
+    the whole call) can tell apart.  ``top`` ops by host + device self time.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    fn()
+    synchronize(device)
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            fn()
+        synchronize(device)
+    rows = []
+    for e in prof.key_averages():
+        # The device-time attribute was renamed (cuda -> device) across torch releases.
+        dev = getattr(e, "self_device_time_total", None)
+        if dev is None:
+            dev = getattr(e, "self_cuda_time_total", 0.0)
+        rows.append(
+            {
+                "op": e.key,
+                "calls": e.count / calls,
+                "self_host_us": e.self_cpu_time_total / calls,
+                "self_device_us": float(dev) / calls,
+            }
+        )
+    rows.sort(key=lambda r: -(r["self_host_us"] + r["self_device_us"]))
+    return {
+        "calls": calls,
+        "host_us": sum(r["self_host_us"] for r in rows),
+        "device_us": sum(r["self_device_us"] for r in rows),
+        "ops": rows[:top],
+    }

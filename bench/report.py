@@ -234,7 +234,7 @@ def host_rows(groups: dict[str, dict[str, Row]], group: str = HOST_GROUP) -> lis
 
 def layer_rows(groups: dict[str, dict[str, Row]], memory: bool = False) -> list[list[str]]:
     rows = []
-    for name in sorted(g for g in groups if g.startswith("layer ")):
+    for name in sorted(g for g in groups if g.startswith("layer ") and not g.startswith("layer profile ")):
         g = groups[name]
         cells = []
         for p in LAYER_ORDER:
@@ -358,6 +358,27 @@ def render(context: dict, groups: dict[str, dict[str, Row]]) -> str:
                 "",
             ]
             lines += _table(["provider", "µs per layer (min)", "÷ floor"], host)
+    for name in sorted(g for g in groups if g.startswith("layer profile ")):
+        lines += [
+            "",
+            f"## {name[0].upper()}{name[1:]}: where one call's time goes",
+            "",
+            "`torch.profiler` over repeated eager forward+backward calls (`test_layer_profile`), per call: "
+            "each op's own host time and device time, the largest first.",
+            "",
+        ]
+        for provider, row in sorted(groups[name].items()):
+            prof = row.info.get("profile", {})
+            lines += [
+                f"**{provider}**: host {prof.get('host_us', 0):.0f} µs, device {prof.get('device_us', 0):.0f} µs "
+                "per call (self times summed over all ops).",
+                "",
+            ]
+            ops = [
+                [o["op"][:60], f"{o['calls']:g}", f"{o['self_host_us']:.1f}", f"{o['self_device_us']:.1f}"]
+                for o in prof.get("ops", [])[:10]
+            ]
+            lines += _table(["op", "calls", "host µs", "device µs"], ops) + [""]
     lines += ["", "## Layers: time in ms (÷ fused, same run)", ""]
     lines += _table(["group", *LAYER_ORDER], layer_rows(groups))
     lines += ["", "## Layers: peak memory (MiB, `max_memory_allocated` during one call)", ""]

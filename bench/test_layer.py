@@ -18,7 +18,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .measure import LAYER_BUDGET, cuda_graph, run_benchmark
+from .measure import LAYER_BUDGET, cuda_graph, profile_ops, run_benchmark
 from .providers import LAYER_PROVIDERS, TOLERANCES, check_layer, layer_forward, make_layer_case
 from .workloads import (
     DROPOUT,
@@ -130,3 +130,28 @@ def test_layer_graph(benchmark, shape, p, provider):
     if DEVICE.type != "cuda":
         pytest.skip("CUDA graphs need a GPU: this row is the kernels' time without the host's")
     bench_layer(benchmark, provider, shape, "bf16", RANK, p, GRAPH_MODE)
+
+
+@pytest.mark.parametrize("provider", ("fused", "plain", "frozen"))
+def test_layer_profile(benchmark, provider):
+    """Where one eager forward+backward of the ViT-B/16 q/k/v projection spends its time:
+    each op's host and device time per call (``torch.profiler``), after the usual check.
+    On a CPU the device column is empty and the host column is the whole call."""
+    shape = next(s for s in SHAPES if s.name == GRAPH_SHAPES[0])
+    case = make_layer_case(shape, DTYPES["bf16"], RANK, DROPOUT, DEVICE)
+    errs = check_layer(provider, case)
+    forward = layer_forward(provider, case)
+
+    def fn() -> None:
+        case.zero_grads()
+        forward().backward(case.dy)
+
+    benchmark.group = f"layer profile {shape.name} bf16 r{RANK} p{DROPOUT} fwd+bwd"
+    result: dict = {}
+    benchmark.pedantic(lambda: result.update(profile_ops(fn, DEVICE)), rounds=1, iterations=1)
+    assert result["ops"] and result["host_us"] > 0
+    assert DEVICE.type != "cuda" or result["device_us"] > 0, "the profiler saw no kernel on the GPU"
+    benchmark.extra_info.update(
+        kind="profile", provider=provider, size=SIZE, device=str(DEVICE), dtype="bf16", rank=RANK, p=DROPOUT,
+        **shape.as_dict(), check_rel_err=errs, profile=result,
+    )  # fmt: skip

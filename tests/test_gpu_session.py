@@ -66,7 +66,7 @@ def test_stage_2_is_the_headline_layer_groups_with_every_provider(collected):
         for p in (0.25, 0.0)
         for provider in providers.LAYER_PROVIDERS
         if provider != "plain+compile"
-    ]
+    ] + [f"bench/test_layer.py::test_layer_profile[{p}]" for p in ("fused", "plain", "frozen")]
     assert sorted(assigned["2"]) == sorted(expected)
 
 
