@@ -90,17 +90,26 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> tuple[float |
 
 
 def do_bench_ms(fn: Callable[[], object], budget: Budget, grad_to_none: Sequence[torch.Tensor]) -> list[float]:
-    """[median, 20th, 80th percentile] ms of ``fn`` from CUDA events (triton.testing)."""
+    """Every timed call of ``fn`` in ms, in order, from CUDA events (triton.testing).
+
+    All samples rather than do_bench's quantiles, so that a figure that disagrees with
+    another timer (bench/NOTES.md 9.6) can be read sample by sample from the JSON."""
     import triton.testing
 
-    result = triton.testing.do_bench(
+    times = triton.testing.do_bench(
         fn,
         warmup=budget.warmup_ms,
         rep=budget.rep_ms,
         grad_to_none=list(grad_to_none) or None,
-        quantiles=[0.5, 0.2, 0.8],
+        return_mode="all",
     )
-    return [float(t) for t in result]
+    return [float(t) for t in times]
+
+
+def quantiles(samples: Sequence[float], qs: Sequence[float] = (0.5, 0.2, 0.8)) -> list[float]:
+    """Linear-interpolation quantiles of ``samples`` (do_bench's own rule)."""
+    t = torch.tensor(list(samples), dtype=torch.float64)
+    return [float(v) for v in torch.quantile(t, torch.tensor(list(qs), dtype=torch.float64))]
 
 
 def run_benchmark(
@@ -137,8 +146,9 @@ def run_benchmark(
     info["flops"] = int(flops)
     if device.type == "cuda":
         reset_grads()
-        median, p20, p80 = do_bench_ms(fn, budget, grad_to_none)
-        info.update(time_ms=median, time_ms_p20=p20, time_ms_p80=p80)
+        samples = do_bench_ms(fn, budget, grad_to_none)
+        median, p20, p80 = quantiles(samples)
+        info.update(time_ms=median, time_ms_p20=p20, time_ms_p80=p80, time_ms_samples=samples)
         info["timer"] = "triton.testing.do_bench median (CUDA events, L2 flushed)"
     benchmark.pedantic(
         target,
