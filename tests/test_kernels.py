@@ -158,8 +158,20 @@ def test_cuda_real_shapes(dtype, shape, p):
         (torch.bfloat16, 16, [201], 0.25),
         (torch.float32, 2, [67, 67, 67], 0.0),
         (torch.float32, 16, [201], 0.25),
+        # Half precision at the widest tiles (SR_PAD 128 and 256) runs the 32×32×32,
+        # 2-stage backward that was wrong in fp32; the matrix above stops at SR_PAD 64.
+        (torch.bfloat16, 32, [67, 67, 67], 0.25),
+        (torch.float16, 64, [67, 67, 67], 0.0),
     ],
-    ids=["fp16-r16-one-slot-p0", "fp16-r16-one-slot-p0.25", "bf16-r16-one-slot-p0.25", "fp32-qkv-r2", "fp32-r16"],
+    ids=[
+        "fp16-r16-one-slot-p0",
+        "fp16-r16-one-slot-p0.25",
+        "bf16-r16-one-slot-p0.25",
+        "fp32-qkv-r2",
+        "fp32-r16",
+        "bf16-r32-qkv-p0.25",
+        "fp16-r64-qkv-p0",
+    ],
 )
 def test_first_gpu_run_regressions(dtype, rank, sizes, p):
     case = make_case(M, K, sizes, rank, [True] * len(sizes), dtype, device=DEVICE, seed=3)
