@@ -15,6 +15,10 @@
 #   time:        the session's budget is 540 s, so its own limits fire before timeout_s; with the
 #                machine's start that is about 11 of the 15 device minutes.  If stage 1 fails it
 #                stops within ~2 minutes, which leaves time to fix the kernel here and rerun.
+#                Measured on the first H100 session (2026-11-26): the machine started in ~25 s;
+#                stages 1, 2, 2h, 3, 3o took 114, 63, 35, 65, 96 s.  Its first run failed stage 1
+#                (two Triton 3.6 miscompiles); `python -m bench.gpu_probe` (see its docstring)
+#                located them in two short calls, and the rerun with --budget 430 fitted the rest.
 #   later call, for the parts a first run had no time for:
 #                run(command="bash bench/gpu_session.sh --stages 4b,4c,4d,4e", carry=[".whl"], timeout_s=600)
 # The script installs open_clip from .whl/ itself (pip --no-index --target) when python3
