@@ -585,7 +585,7 @@ def print_headline(rows: list[dict], dry_run: bool = False) -> None:
     print(f"\nheadline ratios ({what}; see session.json and the stage bundles):")
     for r in rows:
         value = "—" if r["value"] is None else f"{r['value']:.3f}"
-        print(f"  {r['group']:<42} {r['ratio']:<34} {value:>7}  target {r['target']}")
+        print(f"  {r['group']:<50} {r['ratio']:<34} {value:>7}  target {r['target']}")
 
 
 # =============================================================================
