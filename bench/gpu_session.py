@@ -309,6 +309,12 @@ def assign(items: list[dict]) -> tuple[dict[str, list[str]], list[str]]:
             continue
         stage = next(s for s in STAGES if s.select(item))  # 4e takes whatever is left
         by_stage[stage.key].append(item["nodeid"])
+    # The rest of the step table: the headline ratios' providers (fused, plain, frozen) on
+    # every dataset before the other providers, so a stage cut off at its limit still
+    # has the per-dataset plain ÷ fused of the step target (pytest runs node ids in the
+    # order given).  Stable: each group keeps the collection order.
+    provider = {it["nodeid"]: _p(it, "provider") for it in items}
+    by_stage["4b"].sort(key=lambda i: provider[i] not in ("fused", "plain", "frozen"))
     return by_stage, dropped
 
 

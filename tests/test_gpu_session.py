@@ -84,6 +84,9 @@ def test_stage_3_is_three_datasets_headline_providers(collected):
 def test_compiled_steps_come_after_the_eager_step_table(collected):
     assigned, _ = gs.assign(collected)
     assert assigned["4b"] and not any("+compile" in i for i in assigned["4b"])
+    # fused / plain / frozen of every other dataset first: the step target's ratios.
+    core = [i.rsplit("-", 1)[-1].rstrip("]") in ("fused", "plain", "frozen") for i in assigned["4b"]]
+    assert core == sorted(core, reverse=True) and core[0] and not core[-1]
     assert any("test_step[" in i and "+compile" in i for i in assigned["4e"])
 
 
