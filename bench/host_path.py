@@ -18,6 +18,10 @@ Rows (q/k/v packed projection: K = 64, N = 3·64, M = 8 rows, r = 2, dropout 0.2
 * ``fused packed``: :func:`lora_kernels.lora_linear_packed`, what patched modules call;
 * ``fused packed via op``: the same through the ``torch.library`` custom op (what
   ``torch.compile`` sees), to show why eager calls avoid it;
+* ``empty Function``: an ``autograd.Function`` taking the packed call's tensors (two
+  adapter leaves) that saves them, allocates its outputs and computes nothing: the floor
+  of any eager Python op with these inputs, so ``fused packed`` minus it is the fused
+  path's own host work;
 * ``nn.Linear`` / ``LoRALinear``: the module calls, with ``nn.Module`` dispatch;
 * ``… x8 chain``: eight layers in a row and one backward, per layer (the backward's
   fixed Python cost shared, as in a real step).
@@ -54,12 +58,28 @@ PROVIDERS = (
     "fused lists",
     "fused packed",
     "fused packed via op",
+    "empty Function",
     "nn.Linear",
     "LoRALinear",
     "F.linear x8 chain",
     "fused packed x8 chain",
 )
 HEADLINE = ("fused packed", "F.linear")  # issue 13's target: this ratio <= 2
+
+
+class _EmptyFunction(torch.autograd.Function):
+    """Saves the packed call's tensors and allocates its outputs; no arithmetic."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, seed):
+        ctx.save_for_backward(x, weight, lora_a, lora_b, seed)
+        return x.new_empty(x.shape[0], weight.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, _weight, lora_a, lora_b, _seed = ctx.saved_tensors
+        return torch.empty_like(x), None, None, torch.empty_like(lora_a), torch.empty_like(lora_b), None
 
 
 class _NoOpKernel:
@@ -156,6 +176,7 @@ def make_runs(seed: int = 0, device: str = "cpu") -> dict[str, Callable[[], None
         return h
 
     dy_chain = randn(M, K)
+    fixed_seed = torch.tensor(7, device=device)
     return {
         "F.linear": lambda: done(F.linear(x, weight, bias), dy),
         "plain": lambda: done(
@@ -172,6 +193,7 @@ def make_runs(seed: int = 0, device: str = "cpu") -> dict[str, Callable[[], None
         ),
         "fused packed": lambda: done(packed(), dy),
         "fused packed via op": lambda: done(packed_via_op(), dy),
+        "empty Function": lambda: done(_EmptyFunction.apply(x, weight, bias, a_cat, b_cat, fixed_seed), dy),
         "nn.Linear": lambda: done(linear(x), dy),
         "LoRALinear": lambda: done(module(x), dy),
         "F.linear x8 chain": lambda: done(chain(False), dy_chain),
