@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import lora_kernels
 from lora_kernels.reference import reference_lora_linear
 
-from .workloads import LAYER_PROVIDERS, OPTION_ONLY_PROVIDERS, STEP_PROVIDERS, LayerShape
+from .workloads import LAYER_PROVIDERS, OPTION_ONLY_PROVIDERS, STEP_PROVIDERS, LayerShape, step_bucket_cost
 
 # ‖out − ref‖ / ‖ref‖ against an fp64 reference.  Rounding one output to the format
 # costs about 2⁻⁹ (bf16) or 2⁻¹² (fp16) relative; the plain providers add up to four
@@ -324,15 +324,17 @@ def step_classnames(n_classes: int) -> list[str]:
 class StepInputs:
     """One step's batch: images, their labels, and every class prompt's tokens.
 
-    ``text_plan``: the tokens' bucket plan, computed by the first bucketed step and
-    reused by every later one, as the training loop plans once per run
-    (:func:`clip_lora.text.plan_text`).
+    ``text_plans``: the tokens' bucket plans by per-bucket cost, each computed by the
+    first bucketed step that plans at that cost and reused by every later one, as the
+    training loop plans once per run (:func:`clip_lora.text.plan_text`).  Keyed by cost
+    because the providers of one measurement share these inputs and an eager and a
+    compiled step plan differently on a GPU.
     """
 
     images: torch.Tensor
     labels: torch.Tensor
     tokens: torch.Tensor
-    text_plan: object = None
+    text_plans: dict = field(default_factory=dict)
 
 
 def make_step_inputs(work, tokenizer, device: torch.device, seed: int = 0) -> StepInputs:
@@ -437,15 +439,14 @@ def step_towers(model: torch.nn.Module, provider: str, device: torch.device) -> 
 
 def clip_logits(model: torch.nn.Module, provider: str, inputs: StepInputs) -> torch.Tensor:
     """``100 · cos(image feature, class-prompt feature)``: the paper's logits."""
-    from clip_lora import bucket_cost, encode_text_bucketed, encode_text_trimmed, plan_text
+    from clip_lora import encode_text_bucketed, encode_text_trimmed, plan_text
 
     image = model.encode_image(inputs.images, normalize=True)
     if "+bucket" in provider:
-        if inputs.text_plan is None:
-            # As the training loop plans: the per-bucket cost of a compiled or eager tower.
-            cost = bucket_cost(inputs.tokens.device, compiled="+compile" in provider)
-            inputs.text_plan = plan_text(model, inputs.tokens, cost=cost)
-        text = encode_text_bucketed(model, inputs.tokens, normalize=True, plan=inputs.text_plan)
+        cost = step_bucket_cost(provider, inputs.tokens.device)
+        if cost not in inputs.text_plans:
+            inputs.text_plans[cost] = plan_text(model, inputs.tokens, cost=cost)
+        text = encode_text_bucketed(model, inputs.tokens, normalize=True, plan=inputs.text_plans[cost])
     elif "+trim" in provider:
         text = encode_text_trimmed(model, inputs.tokens, normalize=True)
     else:

@@ -237,15 +237,23 @@ def step_flops(work: StepWorkload) -> int:
     return vf + vb + tf + tb
 
 
+def step_bucket_cost(provider: str, device: torch.device) -> int:
+    """The per-bucket cost a step provider plans with on ``device``: as the training loop
+    does, that of a compiled tower for ``+compile``, of an eager one otherwise."""
+    from clip_lora.text import bucket_cost
+
+    return bucket_cost(device, compiled="+compile" in provider)
+
+
 def text_tokens(provider: str, tokens: torch.Tensor) -> int:
     """Tokens the text tower processes for ``tokens`` under a step provider: the full
     context, the longest prompt per row (``+trim``) or the bucket plan (``+bucket``, at
-    the per-bucket cost the step plans with on the tokens' device)."""
-    from clip_lora.text import bucket_cost, plan_buckets
+    :func:`step_bucket_cost`)."""
+    from clip_lora.text import plan_buckets
 
     lengths = (tokens.argmax(dim=-1) + 1).tolist()
     if "+bucket" in provider:
-        return plan_buckets(lengths, cost=bucket_cost(tokens.device, compiled="+compile" in provider)).tokens
+        return plan_buckets(lengths, cost=step_bucket_cost(provider, tokens.device)).tokens
     if "+trim" in provider:
         return max(lengths) * len(lengths)
     return tokens.shape[0] * tokens.shape[1]
