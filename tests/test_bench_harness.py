@@ -214,3 +214,41 @@ def test_layer_check_catches_a_wrong_provider(monkeypatch):
     monkeypatch.setattr(providers.lora_kernels, "plain_lora_linear", wrong_scale)
     with pytest.raises(AssertionError, match="relative error above"):
         providers.check_layer("plain", case)
+
+
+def test_eager_and_compiled_steps_keep_their_own_bucket_plans(monkeypatch):
+    """The option providers share one StepInputs; an eager and a compiled step plan at
+    different per-bucket costs on a GPU, and each must run its own plan (the compiled
+    step once reused the eager step's single bucket)."""
+    from clip_models import tiny_clip, tiny_tokens
+
+    from clip_lora import LoRAConfig, patch_fused
+
+    costs = {"fused+bucket": 10**9, "fused+bucket+half+compile": 0}  # one bucket / one per length
+    monkeypatch.setattr(providers, "step_bucket_cost", lambda provider, device: costs[provider])
+    model = tiny_clip(custom=False)
+    patch_fused(model, LoRAConfig())
+    tokens = tiny_tokens(8)
+    assert len(set((tokens.argmax(-1) + 1).tolist())) > 1  # several lengths: several buckets at cost 0
+    inputs = providers.StepInputs(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]), tokens)
+    passes = []  # one text-tower pass per bucket
+    model.transformer.register_forward_pre_hook(lambda _m, _args: passes.append(1))
+    runs = {}
+    for provider in costs:
+        passes.clear()
+        providers.clip_logits(model, provider, inputs)
+        runs[provider] = len(passes)
+    lengths = len(set((tokens.argmax(-1) + 1).tolist()))
+    assert runs == {"fused+bucket": 1, "fused+bucket+half+compile": lengths}
+
+
+def test_quantiles_follow_do_bench():
+    """run_benchmark now takes every do_bench sample and computes the quantiles itself:
+    they must be the ones do_bench would have returned (its own interpolation rule)."""
+    from triton import testing
+
+    from bench.measure import quantiles
+
+    samples = torch.rand(37, generator=torch.Generator().manual_seed(4)).mul(10).tolist()
+    qs = [0.5, 0.2, 0.8]
+    assert quantiles(samples, qs) == pytest.approx(testing._quantile(samples, qs), rel=1e-12)
