@@ -21,6 +21,7 @@ from clip_models import randomize_adapters, tiny_clip, tiny_tokens
 
 import lora_kernels
 from bench.host_path import via_custom_op
+from bench.measure import cuda_graph
 from lora_kernels import fused_lora, lora_linear, lora_linear_packed, slot_layout
 
 SIZES = (16, 24, 16)  # unequal slots: one wider than the others
@@ -376,19 +377,6 @@ def test_host_path_never_syncs_with_the_device(path):
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU")
 
 
-def _capture(fn):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
-
-
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_fused_layer_replays_in_a_cuda_graph(dtype):
@@ -405,24 +393,26 @@ def test_fused_layer_replays_in_a_cuda_graph(dtype):
     dy = torch.randn(M, 3 * K, generator=g).cuda().to(dtype)
     seed = torch.tensor(5, device="cuda")
 
+    out = {}
+
     def step():
         for t in (x, a, b):
             t.grad = None
         y = lora_linear_packed(x, w, None, lora_a=a, lora_b=b, layout=layout, scale=0.5, dropout_p=0.25, seed=seed)
         y.backward(dy)
-        return y
+        out["y"] = y  # after the capture: the graph's own output tensor
 
     def eager(value):
         seed.fill_(value)
-        y = step().detach().clone()
-        return [y, x.grad.clone(), a.grad.clone(), b.grad.clone()]
+        step()
+        return [out["y"].detach().clone(), x.grad.clone(), a.grad.clone(), b.grad.clone()]
 
     want = {v: eager(v) for v in (5, 6)}
-    graph, y = _capture(step)
+    replay = cuda_graph(step, torch.device("cuda"), grads=(x, a, b))  # the benchmarks' capture
     for v in (6, 5):
         seed.fill_(v)
-        graph.replay()
-        got = [y, x.grad, a.grad, b.grad]
+        replay()
+        got = [out["y"], x.grad, a.grad, b.grad]
         for g_, w_ in zip(got, want[v]):
             torch.testing.assert_close(g_, w_, rtol=0, atol=0)
     assert not torch.equal(want[5][2], want[6][2]), "a new seed must give new masks"
@@ -436,11 +426,10 @@ def test_drawn_seed_advances_with_every_replay():
 
     def draw():
         out.copy_(lora_kernels.draw_seed(torch.device("cuda")))
-        return out
 
-    graph, _ = _capture(draw)
+    replay = cuda_graph(draw, torch.device("cuda"))
     seen = set()
     for _ in range(4):
-        graph.replay()
+        replay()
         seen.add(int(out))
     assert len(seen) == 4
