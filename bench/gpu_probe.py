@@ -5,7 +5,10 @@ The first CUDA run (2026-11-26, H100, triton 3.6) failed stage 1: fp32 dA/dB off
 interpreter runs the same kernels right, so the suspects are the compiled code's
 settings.  This runs each failing case under variants of its tile configuration and dot
 precision, three times each (an error that moves between runs is a race), and prints the
-relative error of every output against the fp64 reference.
+relative error of every output against the fp64 reference.  "base" is the shipped
+configuration, so since the fixes (fp32 backward at one stage, the backward compiled
+without the divisibility hint on R) it is the fixed kernel, and the variants show what
+else would break it.
 
     python -m bench.gpu_probe [--out DIR]      # on the GPU machine, ~1 minute
     # one process per run (an illegal access cannot poison the next), the second probe:
@@ -61,11 +64,8 @@ CASES = [
 PRECISIONS = ("default", "ieee", "tf32")
 
 
-DEVICE = "cuda"
-
-
-def run_case(name, M, K, sizes, rank, adapted, dtype, p, variants) -> list[dict]:
-    case = make_case(M, K, sizes, rank, adapted, dtype, bias=True, device=DEVICE, seed=3)
+def run_case(name, M, K, sizes, rank, adapted, dtype, p, variants, device="cuda") -> list[dict]:
+    case = make_case(M, K, sizes, rank, adapted, dtype, bias=True, device=device, seed=3)
     ref = run_reference(case, p=p, seed=11)
     srp = fl.sr_pad(len(sizes), rank)
     key = ("backward", dtype != torch.float32, srp)
@@ -99,9 +99,9 @@ def run_case(name, M, K, sizes, rank, adapted, dtype, p, variants) -> list[dict]
     return rows
 
 
-def db_pattern(dtype=torch.float32) -> dict:
+def db_pattern(device="cuda", dtype=torch.float32) -> dict:
     """Where the wrong dB rows of the fp32 qkv case sit (N tiles of 32, K tiles of 32)."""
-    case = make_case(150, 150, [67, 67, 67], 2, [True, True, True], dtype, device=DEVICE, seed=3)
+    case = make_case(150, 150, [67, 67, 67], 2, [True, True, True], dtype, device=device, seed=3)
     got = run_fused(case, p=0.0, seed=11, backend="triton")
     ref = run_reference(case, p=0.0, seed=11)
     out = {}
@@ -115,40 +115,39 @@ def db_pattern(dtype=torch.float32) -> dict:
     return out
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["one"]:
+        one(argv[1:])
+        return 0
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--cpu-check", action="store_true", help="one case, base only, through the interpreter")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     import triton
 
-    global DEVICE, CASES
-    if args.cpu_check:
-        DEVICE = "cpu"
-        CASES = [(*CASES[0][:-1], {"base": None})]
-
+    device = "cpu" if args.cpu_check else "cuda"
+    cases = [(*CASES[0][:-1], {"base": None})] if args.cpu_check else CASES
     t0 = time.time()
-    gpu = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
+    gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     info = {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__}
     print(info, flush=True)
     rows = []
     try:
-        info["db_pattern"] = db_pattern()
+        info["db_pattern"] = db_pattern(device)
     except Exception as err:
         info["db_pattern"] = f"{type(err).__name__}: {err}"
-    for c in CASES:
-        rows += run_case(*c)
+    for c in cases:
+        rows += run_case(*c, device=device)
     info["rows"] = rows
     info["seconds"] = time.time() - t0
     Path(args.out, "probe.json").write_text(json.dumps(info, indent=1))
     return 0
 
 
-
-
 # --- second probe: the half-precision backward at S·r = SR_PAD (one process per run, so
 # an illegal access cannot poison the next) ----------------------------------------------
-def one(args: list[str]) -> None:  # noqa: D401
+def one(args: list[str]) -> None:
     """``R S p dtype variant``: rel errors of one run, printed on one line."""
     import triton
 
@@ -177,11 +176,6 @@ def one(args: list[str]) -> None:  # noqa: D401
     except Exception as err:
         errs = f"ERR {type(err).__name__}: {str(err)[:80]}"
     print(f"R{R} S{S} p{p} {args[3]} {variant:<10} {errs}", flush=True)
-
-
-if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "one":
-    one(sys.argv[2:])
-    raise SystemExit(0)
 
 
 if __name__ == "__main__":
