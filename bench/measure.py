@@ -53,7 +53,9 @@ def cuda_graph(
     CUDA-graph rules of ``torch.cuda.graph`` ask.  ``grads`` are set to None before the
     capture, so the captured backward allocates them in the graph's pool and every replay
     rewrites them (accumulating into a tensor from outside the graph would be a different
-    program each replay).
+    program each replay).  ``fn`` must not keep its autograd graph alive between calls
+    (keep outputs detached): a surviving graph holds the leaves' AccumulateGrad nodes from
+    the stream they were made on, and the captured backward then fails.
     """
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))

@@ -400,7 +400,11 @@ def test_fused_layer_replays_in_a_cuda_graph(dtype):
             t.grad = None
         y = lora_linear_packed(x, w, None, lora_a=a, lora_b=b, layout=layout, scale=0.5, dropout_p=0.25, seed=seed)
         y.backward(dy)
-        out["y"] = y  # after the capture: the graph's own output tensor
+        # Detached: an output kept with its autograd graph keeps the leaves' AccumulateGrad
+        # nodes alive, made on the stream of the eager calls, and the capture then fails
+        # ("operation would make the legacy stream depend on a capturing blocking stream";
+        # the H200 run of 2026-11-26).  After the capture this is the graph's own output.
+        out["y"] = y.detach()
 
     def eager(value):
         seed.fill_(value)
@@ -421,7 +425,9 @@ def test_fused_layer_replays_in_a_cuda_graph(dtype):
 @needs_cuda
 def test_drawn_seed_advances_with_every_replay():
     """draw_seed inside a captured graph draws a fresh seed on each replay (CUDA's
-    generator is graph-safe), so a graphed training step does not repeat its masks."""
+    generator is graph-safe), so a graphed training step does not repeat its masks.
+    (It failed on the H200 only after a failed capture in the same process had left the
+    generator marked as capturing: "Offset increment outside graph capture".)"""
     out = torch.empty((), dtype=torch.int64, device="cuda")
 
     def draw():
