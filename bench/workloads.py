@@ -238,11 +238,12 @@ def step_flops(work: StepWorkload) -> int:
 
 
 def step_bucket_cost(provider: str, device: torch.device) -> int:
-    """The per-bucket cost a step provider plans with on ``device``: as the training loop
-    does, that of a compiled tower for ``+compile``, of an eager one otherwise."""
+    """The per-bucket cost a step provider plans with on ``device``: the training loop's,
+    which depends on the device alone (eager and compiled towers plan alike).  Providers
+    plan through this one function so that a harness test can give each its own cost."""
     from clip_lora.text import bucket_cost
 
-    return bucket_cost(device, compiled="+compile" in provider)
+    return bucket_cost(device)
 
 
 def text_tokens(provider: str, tokens: torch.Tensor) -> int:

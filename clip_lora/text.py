@@ -96,40 +96,40 @@ def encode_text_trimmed(model: nn.Module, tokens: torch.Tensor, normalize: bool 
 # --------------------------------------------------------------------------- buckets
 
 # What one more bucket costs, in text tokens: the DP adds a bucket only where it saves
-# more tokens than this.  Each bucket is one more pass through the whole tower, and its
-# fixed cost on a GPU is the partly filled last wave of each of its GEMMs: the text
-# tower's GEMMs (N = 1536 or 2048 columns, 128×128 tiles, 12–16 column tiles) fill
-# 132 SMs with ~1100–1400 rows, and a tail wastes half a wave, ~600–700 rows, on
-# average.  The ~430 launches of a forward+backward pass (12 blocks of a dozen kernels,
-# twice that backward) overlap the previous bucket's work once the step is captured in
-# a CUDA graph.  So a bucket costs about 600 tokens of work; 512 rounds that down to a
-# power of two.  ImageNet's prompts (8–18 tokens, 9 distinct lengths) then get 3
-# buckets, 9,786 tokens against 18,000 trimmed (a 3rd bucket saves 942, a 4th 250);
-# EuroSAT's 10 prompts stay one run.  On a CPU a token costs far more than a launch, so
-# any smaller cost would do there too; bench/test_text.py shows 1, 2, 4 and 8 buckets.
-# This is the cost on a CPU and for a step whose towers are compiled (on a GPU, CUDA
-# graphs); the compiled GPU figure is the reasoning above, not yet a measurement.
+# more tokens than this.  Each bucket is one more pass through the whole tower.  On a
+# CPU a token costs far more than a pass's fixed overhead, so the cost is small.  It
+# was first reasoned for a GPU running CUDA graphs (the partly filled last wave of each
+# GEMM, ~600 rows on 132 SMs; 512 rounds that down to a power of two), and a GPU then
+# measured otherwise (GPU_BUCKET_COST_TOKENS below); on a CPU it stands: ImageNet's
+# prompts (8–18 tokens, 9 distinct lengths) get 3 buckets, 9,786 tokens against 18,000
+# trimmed (a 3rd bucket saves 942, a 4th 250), and EuroSAT's 10 prompts stay one run.
+# bench/test_text.py shows 1, 2, 4 and 8 buckets.
 BUCKET_COST_TOKENS = 512
 
-# The same cost for an eager step on a GPU, measured (H100, ViT-B/16, 2026-11-26,
-# bench/results/NVIDIA-H100-80GB-HBM3-20261126, test_step_options on the 1000 ImageNet
-# prompts): full context 77,000 tokens 124.7 ms, trimmed 18,000 tokens 51.6 ms, so a
-# token costs 1.24 µs; 3 buckets (9,786 tokens) took 71.1 ms, 19.5 ms MORE than one
-# bucket despite 8,214 fewer tokens (10.2 ms).  Each extra bucket cost ~14.8 ms, about
-# 12,000 tokens: an eager pass through the tower is bound by the host (Python and
-# ~430 launches, each a few µs of work at these sizes), not by the GPU.  At this cost
-# ImageNet's prompts stay one bucket, i.e. trimming; a bucket pays off only for prompt
-# sets where it saves more than 12,000 tokens.
-EAGER_GPU_BUCKET_COST_TOKENS = 12_000
+# The same cost on a GPU, measured on ViT-B/16 with the 1000 ImageNet prompts
+# (test_step_options, interleaved rounds, minimum wall time):
+# - eager, H100 (2026-11-26, bench/results/NVIDIA-H100-80GB-HBM3-20261126): full context
+#   77,000 tokens 124.7 ms, trimmed 18,000 tokens 51.6 ms, so a token costs 1.24 µs;
+#   3 buckets (9,786 tokens) took 71.1 ms, 19.5 ms MORE than one bucket despite 8,214
+#   fewer tokens (10.2 ms).  Each extra bucket cost ~14.8 ms, about 12,000 tokens: an
+#   eager pass through the tower is bound by the host (Python and ~430 launches, each a
+#   few µs of work at these sizes), not by the GPU.
+# - compiled towers (CUDA graphs), H200 (2026-11-26, bench/results/NVIDIA-H200-20261126):
+#   3 buckets at the CPU cost took 31.14 ms against 31.19 ms trimmed (0.998): the 8,214
+#   tokens saved bought nothing measurable, while each bucket is one more compiled graph
+#   (Inductor time and graph memory).  So compiled towers plan at the same cost.
+# At this cost ImageNet's prompts stay one bucket, i.e. trimming; a bucket pays off only
+# for prompt sets where it saves more than 12,000 tokens.
+GPU_BUCKET_COST_TOKENS = 12_000
 
 
-def bucket_cost(device: torch.device | str, *, compiled: bool = False) -> int:
-    """The per-bucket cost, in tokens, that the bucket plan uses on ``device``: the
-    eager-GPU figure (:data:`EAGER_GPU_BUCKET_COST_TOKENS`) for an eager tower on an
-    accelerator, else :data:`BUCKET_COST_TOKENS` (CPU, or towers run compiled)."""
-    if torch.device(device).type == "cpu" or compiled:
+def bucket_cost(device: torch.device | str) -> int:
+    """The per-bucket cost, in tokens, that the bucket plan uses on ``device``:
+    :data:`GPU_BUCKET_COST_TOKENS` on an accelerator (eager or compiled), else
+    :data:`BUCKET_COST_TOKENS`."""
+    if torch.device(device).type == "cpu":
         return BUCKET_COST_TOKENS
-    return EAGER_GPU_BUCKET_COST_TOKENS
+    return GPU_BUCKET_COST_TOKENS
 
 
 @dataclass(frozen=True)
@@ -267,8 +267,7 @@ def plan_text(
     sync), to be passed as its ``plan=`` on every later call with these tokens.  None
     where bucketing is not exact for ``model``'s text tower (it then runs
     ``encode_text``, and takes no plan).  ``cost`` (tokens per bucket) defaults to
-    :func:`bucket_cost` of the tokens' device for an eager tower; pass
-    ``bucket_cost(device, compiled=True)`` for a compiled one."""
+    :func:`bucket_cost` of the tokens' device."""
     parts = _text_tower(model)
     if parts is None:
         return None

@@ -1060,11 +1060,10 @@ def _train(cfg, rank, world, device, precision, stop_after, log) -> dict[str, An
     else:
         # Every step encodes the same prompts (this rank's shard): plan the buckets once,
         # rather than one host sync per step.
-        # The per-bucket cost depends on whether the text tower runs compiled: eager on a
-        # GPU, a bucket costs a whole host-bound pass (clip_lora.text.bucket_cost).
+        # At the device's per-bucket cost (clip_lora.text.bucket_cost): on a GPU a bucket
+        # costs a whole host-bound pass eager, and buys nothing measurable compiled.
         lo, hi = _shard_bounds(data.num_classes, rank, world)
-        text_compiled = cfg.compile and any(k != "visual" for k in compile_targets(model))
-        text_plan = plan_text(model, tokens[lo:hi], cost=bucket_cost(device, compiled=text_compiled))
+        text_plan = plan_text(model, tokens[lo:hi], cost=bucket_cost(device))
 
     loader = torch.utils.data.DataLoader(
         ImageDataset(shots, train_transform(image_size, mean, std)),

@@ -17,7 +17,7 @@ from clip_lora.data import imagenet_classes
 from clip_lora.evaluate import text_features
 from clip_lora.text import (
     BUCKET_COST_TOKENS,
-    EAGER_GPU_BUCKET_COST_TOKENS,
+    GPU_BUCKET_COST_TOKENS,
     bucket_cost,
     class_prompts,
     encode_class_prompts,
@@ -84,17 +84,16 @@ def test_plan_imagenet_lengths():
     assert chosen.tokens - more.tokens <= BUCKET_COST_TOKENS
 
 
-def test_bucket_cost_follows_the_device_and_mode():
-    # Measured on an H100: an eager GPU pass per bucket costs ~12,000 tokens of work, so
-    # ImageNet's prompts stay one bucket there (bucketing = trimming); a CPU, or towers
-    # compiled into CUDA graphs, keep the small cost and 3 buckets.
-    assert bucket_cost("cpu") == bucket_cost("cpu", compiled=True) == BUCKET_COST_TOKENS
-    assert bucket_cost(torch.device("cuda")) == EAGER_GPU_BUCKET_COST_TOKENS
-    assert bucket_cost("cuda:0", compiled=True) == BUCKET_COST_TOKENS
+def test_bucket_cost_follows_the_device():
+    # Measured: on a GPU a bucket costs ~12,000 tokens of work eager (H100) and buys
+    # nothing compiled (H200), so ImageNet's prompts stay one bucket there (bucketing =
+    # trimming); a CPU keeps the small cost and 3 buckets.
+    assert bucket_cost("cpu") == bucket_cost(torch.device("cpu")) == BUCKET_COST_TOKENS
+    assert bucket_cost(torch.device("cuda")) == bucket_cost("cuda:0") == GPU_BUCKET_COST_TOKENS
     tokens = open_clip.get_tokenizer("ViT-B-16")(class_prompts([n for _, n in imagenet_classes()]))
     lengths = (tokens.argmax(-1) + 1).tolist()
     assert len(plan_buckets(lengths, cost=bucket_cost("cuda")).lengths) == 1
-    assert len(plan_buckets(lengths, cost=bucket_cost("cuda", compiled=True)).lengths) == 3
+    assert len(plan_buckets(lengths, cost=bucket_cost("cpu")).lengths) == 3
 
 
 def test_plan_text_defaults_to_the_tokens_device_cost(monkeypatch):
@@ -415,8 +414,8 @@ def test_training_plans_the_text_once_per_run(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("compile_", [False, True])
-def test_training_plans_at_the_cost_of_its_mode(tmp_path, monkeypatch, compile_):
-    """The training loop plans its prompts at bucket_cost(device, compiled=--compile)."""
+def test_training_plans_at_the_cost_of_its_device(tmp_path, monkeypatch, compile_):
+    """The training loop plans its prompts at bucket_cost(its device), eager or --compile."""
     import json
 
     import clip_lora.train as train_mod
@@ -426,9 +425,10 @@ def test_training_plans_at_the_cost_of_its_mode(tmp_path, monkeypatch, compile_)
 
     make_synthetic(str(tmp_path / "data"), num_classes=4, train_per_class=2, test_per_class=1, image_size=32)
     (tmp_path / "tiny.json").write_text(json.dumps(DEMO_MODEL_CONFIG))
-    seen = []
-    real = train_mod.bucket_cost
-    monkeypatch.setattr(train_mod, "bucket_cost", lambda device, **k: (seen.append(k), real(device, **k))[1])
+    seen, costs = [], []
+    monkeypatch.setattr(train_mod, "bucket_cost", lambda device: (seen.append(torch.device(device)), 7)[1])
+    real_plan = train_mod.plan_text
+    monkeypatch.setattr(train_mod, "plan_text", lambda *a, **k: (costs.append(k.get("cost")), real_plan(*a, **k))[1])
     # The towers themselves run eager here: the wiring, not Inductor, is under test.
     monkeypatch.setattr(train_mod, "compiled_towers", lambda *a, **k: __import__("contextlib").nullcontext())
     cfg = TrainConfig(
@@ -437,4 +437,5 @@ def test_training_plans_at_the_cost_of_its_mode(tmp_path, monkeypatch, compile_)
         checkpoint_every=0, zero_shot=False, progress=False, compile=compile_,
     )  # fmt: skip
     train(cfg)
-    assert seen == [{"compiled": compile_}]
+    assert seen == [torch.device("cpu")]
+    assert costs == [7]  # the training plan used that cost
