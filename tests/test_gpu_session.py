@@ -103,7 +103,7 @@ def test_headline_stages_fit_their_limits_and_the_budget(collected):
         est = gs.estimate_s(stage, items, workers=gs.GPU_WORKERS)
         assert est <= stage.cap_s, f"stage {stage.key}: ~{est:.0f} s expected, limit {stage.cap_s} s"
         total += est
-    assert [s.cap_s for s in gs.parse_stages("1,2,3")] == [120, 180, 60, 180, 200]
+    assert [s.cap_s for s in gs.parse_stages("1,2,3")] == [180, 180, 60, 180, 200]
     assert total <= 540
 
 
