@@ -26,18 +26,21 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import fused_lora as ll
+from . import split_backward as sb
 
 _TRITON_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _KERNEL_FNS = {
     "shrink": ll._lora_shrink_kernel,
     "forward": ll._lora_forward_kernel,
     "backward": ll._lora_backward_kernel,
+    "dy_pass": sb._lora_dy_pass_kernel,
+    "dx_pass": sb._lora_dx_pass_kernel,
 }
 # Pointer arguments and what they point to: the activation dtype, the adapter
 # dtype, fp32 workspaces, or the int64 seed.
 _ACT_PTRS = {"x_ptr", "w_ptr", "bias_ptr", "y_ptr", "dy_ptr", "dx_ptr"}
 _PARAM_PTRS = {"a_ptr", "b_ptr"}
-_F32_PTRS = {"h_ptr", "part_ptr"}
+_F32_PTRS = {"h_ptr", "dh_ptr", "part_ptr"}
 _FLOAT_ARGS = {"scale", "keep_scale"}
 # Contiguous tensors have unit inner strides, which Triton's JIT specialises to the
 # constant 1 at launch; the AOT build does the same so it compiles what runs.
@@ -76,14 +79,22 @@ class LaunchSpec:
         return f"{self.kernel}-{self.dtype}-a{self.param_dtype}-sr{self.sr_pad}-{flag}{int(self.flag)}{align}"
 
 
+def _config(kernel: str, dtype: torch.dtype, srp: int) -> ll.TileConfig:
+    if kernel in sb.SPLIT_KERNELS:
+        return sb.split_config(kernel, dtype, srp)
+    return ll.tile_config(kernel, dtype, srp)
+
+
 def launch_specs() -> Iterator[LaunchSpec]:
-    for kernel in ll.KERNELS:
+    # The one-pass kernels, then the split backward's two passes (split_backward.py).
+    for kernel in (*ll.KERNELS, *sb.SPLIT_KERNELS):
+        flags = (False,) if kernel == "dy_pass" else (False, True)  # the dY pass has no flag
         for dtype in ll.KERNEL_DTYPES:
             # fp32 master adapters (autocast training) or adapters stored in the input dtype.
             for param_dtype in sorted({torch.float32, dtype}, key=str):
                 for srp in ll.all_sr_pads():
-                    cfg = ll.tile_config(kernel, dtype, srp)
-                    for flag in (False, True):
+                    cfg = _config(kernel, dtype, srp)
+                    for flag in flags:
                         for aligned in (True, False):
                             yield LaunchSpec(
                                 kernel, _TRITON_TYPE[dtype], _TRITON_TYPE[param_dtype], srp, flag, aligned,
@@ -102,7 +113,8 @@ def _signature_and_constants(spec: LaunchSpec):
     if spec.kernel != "shrink":
         consts.update(BLOCK_N=spec.block_n, GROUP_M=8)
     consts["HAS_BIAS" if spec.kernel == "forward" else "HAS_DROPOUT"] = spec.flag
-    consts.update({n: 1 for n in _UNIT_STRIDES if n in fn.arg_names})
+    consts.update({n: 1 for n in _UNIT_STRIDES})
+    consts = {n: v for n, v in consts.items() if n in fn.arg_names}  # each kernel's own
     signature = {}
     for name in fn.arg_names:
         if name in consts:

@@ -555,7 +555,24 @@ def _triton_forward(x, weight, bias, lora_a, lora_b, seed, slot_bounds, adapted,
     return y, h
 
 
+# Which backward the Triton path runs: "fused", the one-pass kernel above, or "split"
+# (lora_kernels/split_backward.py: cuBLAS for dY·W, two Triton passes for the LoRA
+# terms).  The one-pass kernel stays the default until a GPU has timed the split one
+# (bench/NOTES.md section 10.3: the one-pass kernel took 9× cuBLAS's dY·W on an H200).
+BACKWARD_IMPLS = ("fused", "split")
+BACKWARD_ENV = "CLIP_LORA_BACKWARD"
+BACKWARD_IMPL = os.environ.get(BACKWARD_ENV, "fused")
+if BACKWARD_IMPL not in BACKWARD_IMPLS:
+    raise ValueError(f"${BACKWARD_ENV} must be one of {BACKWARD_IMPLS}, got {BACKWARD_IMPL!r}")
+
+
 def _triton_backward(dy, x, weight, h, lora_a, lora_b, seed, slot_bounds, adapted, scale, p):
+    if BACKWARD_IMPL != "fused":
+        if BACKWARD_IMPL != "split":
+            raise ValueError(f"fused_lora.BACKWARD_IMPL must be one of {BACKWARD_IMPLS}, got {BACKWARD_IMPL!r}")
+        from .split_backward import triton_backward_split
+
+        return triton_backward_split(dy, x, weight, h, lora_a, lora_b, seed, slot_bounds, adapted, scale, p)
     M, K = x.shape
     N, R = weight.shape[0], lora_b.shape[1]
     L = _launch(M, K, N, R, tuple(slot_bounds), x.dtype, p)
