@@ -141,6 +141,7 @@ TEST_FILES = (
     "tests/test_api.py",
     "tests/test_kernel_edge_cases.py",
     "tests/test_kernel_properties.py",
+    "tests/test_split_backward.py",
     # The layer under CUDA-graph capture (what --compile's CUDA graphs replay).
     "tests/test_host_path.py::test_fused_layer_replays_in_a_cuda_graph",
     "tests/test_host_path.py::test_drawn_seed_advances_with_every_replay",
@@ -580,6 +581,8 @@ def headline(groups: dict[str, dict[str, dict]]) -> list[dict]:
             graphed = f"{group} graph"
             add("fused ÷ frozen (graphs)", graphed, "fused", "frozen", "≤ 1.15")
             add("plain ÷ fused (graphs)", graphed, "plain", "fused", "≥ 1.8")
+            # The split backward's A/B (lora_kernels/split_backward.py): above 1 it wins.
+            add("fused ÷ fused+split (graphs)", graphed, "fused", "fused+split", "none (A/B)")
     for dataset in HEADLINE_DATASETS:
         add("step plain ÷ fused", f"step {dataset}", "plain", "fused", "≥ 1.25")
         add("step fused ÷ frozen", f"step {dataset}", "fused", "frozen", "none (the floor is 1)")

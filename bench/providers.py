@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -30,7 +30,15 @@ import torch.nn.functional as F
 import lora_kernels
 from lora_kernels.reference import reference_lora_linear
 
-from .workloads import LAYER_PROVIDERS, OPTION_ONLY_PROVIDERS, STEP_PROVIDERS, LayerShape, step_bucket_cost
+from .workloads import (
+    FUSED_LAYER_PROVIDERS,
+    LAYER_PROVIDERS,
+    OPTION_ONLY_PROVIDERS,
+    SPLIT_PROVIDER,
+    STEP_PROVIDERS,
+    LayerShape,
+    step_bucket_cost,
+)
 
 # ‖out − ref‖ / ‖ref‖ against an fp64 reference.  Rounding one output to the format
 # costs about 2⁻⁹ (bf16) or 2⁻¹² (fp16) relative; the plain providers add up to four
@@ -170,8 +178,9 @@ def layer_forward(
     common = dict(lora_a=case.lora_a, lora_b=case.lora_b, scale=case.scale, slot_sizes=case.shape.slot_sizes)
     device_type = case.device.type
 
-    if provider == "fused":
+    if provider in FUSED_LAYER_PROVIDERS:
         # The packed entry with a layout checked once: what a patched module calls.
+        # (fused+split differs in its backward only: see backward_impl.)
         layout, a_cat, b_cat = case.layout, case.packed_a, case.packed_b
 
         def run() -> torch.Tensor:
@@ -202,13 +211,28 @@ def layer_forward(
             return F.linear(x, w, b)
 
     else:
-        raise ValueError(f"unknown layer provider {provider!r}; known: {', '.join(LAYER_PROVIDERS)}")
+        known = ", ".join((*LAYER_PROVIDERS, SPLIT_PROVIDER))
+        raise ValueError(f"unknown layer provider {provider!r}; known: {known}")
 
     def autocast_run() -> torch.Tensor:
         with torch.autocast(device_type, dtype=case.dtype):
             return run()
 
     return autocast_run
+
+
+@contextlib.contextmanager
+def backward_impl(provider: str) -> Iterator[None]:
+    """The fused op's backward for ``provider`` (split for fused+split, else the one-pass
+    kernel), for as long as the benchmark runs: capture, check and timing alike."""
+    from lora_kernels import fused_lora
+
+    old = fused_lora.BACKWARD_IMPL
+    fused_lora.BACKWARD_IMPL = "split" if provider == SPLIT_PROVIDER else "fused"
+    try:
+        yield
+    finally:
+        fused_lora.BACKWARD_IMPL = old
 
 
 # =============================================================================
@@ -262,14 +286,14 @@ def check_layer(provider: str, case: LayerCase) -> dict[str, float]:
     when one exceeds the dtype's tolerance.
     """
     lora = provider != "frozen"
-    p = case.p if provider == "fused" else 0.0
+    p = case.p if provider in FUSED_LAYER_PROVIDERS else 0.0
     ref = layer_reference(case, lora=lora, p=p, seed=CHECK_SEED)
     case.zero_grads()
     y = layer_forward(provider, case, p=p, seed=CHECK_SEED)()
     y.backward(case.dy)
     got = {"y": y, "dx": case.x.grad}
     if lora:
-        if provider == "fused":
+        if provider in FUSED_LAYER_PROVIDERS:
             pairs = case.packed_grads()
         else:
             pairs = [(a.grad, b.grad) for a, b in zip(case.lora_a, case.lora_b, strict=True)]

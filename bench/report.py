@@ -23,9 +23,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from .workloads import DATASETS, LAYER_PROVIDERS, STEP_PROVIDERS, TEXT_PROVIDERS
+from .workloads import DATASETS, LAYER_PROVIDERS, SPLIT_PROVIDER, STEP_PROVIDERS, TEXT_PROVIDERS
 
-LAYER_ORDER = LAYER_PROVIDERS
+LAYER_ORDER = (*LAYER_PROVIDERS, SPLIT_PROVIDER)
 STEP_ORDER = STEP_PROVIDERS
 TEXT_ORDER = TEXT_PROVIDERS
 BEST = "fused+bucket+half"  # the fastest exact step we ship eager

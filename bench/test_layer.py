@@ -19,14 +19,16 @@ import pytest
 import torch
 
 from .measure import LAYER_BUDGET, cuda_graph, profile_ops, run_benchmark
-from .providers import LAYER_PROVIDERS, TOLERANCES, check_layer, layer_forward, make_layer_case
+from .providers import LAYER_PROVIDERS, TOLERANCES, backward_impl, check_layer, layer_forward, make_layer_case
 from .workloads import (
     DROPOUT,
     DTYPES,
+    FUSED_LAYER_PROVIDERS,
     GRAPH_MODE,
     MODES,
     RANK,
     RANKS,
+    SPLIT_PROVIDER,
     LayerShape,
     bench_size,
     layer_flops,
@@ -54,6 +56,11 @@ def bench_layer(benchmark, provider: str, shape: LayerShape, dtype: str, rank: i
     reason = _skip_reason(provider, shape, dtype, rank, p)
     if reason:
         pytest.skip(reason)
+    with backward_impl(provider):
+        _bench_layer(benchmark, provider, shape, dtype, rank, p, mode)
+
+
+def _bench_layer(benchmark, provider: str, shape: LayerShape, dtype: str, rank: int, p: float, mode: str) -> None:
     case = make_layer_case(shape, DTYPES[dtype], rank, p, DEVICE)
     errs = check_layer(provider, case)
 
@@ -90,7 +97,7 @@ def bench_layer(benchmark, provider: str, shape: LayerShape, dtype: str, rank: i
         **shape.as_dict(),
         check_rel_err=errs,
         check_tol=TOLERANCES[case.dtype],
-        check_p=p if provider == "fused" else 0.0,
+        check_p=p if provider in FUSED_LAYER_PROVIDERS else 0.0,
     )
     flops = layer_flops(shape, rank, mode, lora=provider != "frozen")
     budget = LAYER_BUDGET[DEVICE.type]
@@ -120,7 +127,8 @@ def test_layer_no_dropout(benchmark, shape, provider):
 # The headline shapes under CUDA graphs.  plain+compile is left out: a compiled function
 # inside a hand-made capture is not how anyone runs it (--compile makes its own graphs).
 GRAPH_SHAPES = ("vitb16-vision-qkv", "vitb16-vision-out")
-GRAPH_PROVIDERS = tuple(p for p in LAYER_PROVIDERS if p != "plain+compile")
+# fused+split is the split backward's A/B against fused (lora_kernels/split_backward.py).
+GRAPH_PROVIDERS = (*(p for p in LAYER_PROVIDERS if p != "plain+compile"), SPLIT_PROVIDER)
 
 
 @pytest.mark.parametrize("provider", GRAPH_PROVIDERS)
@@ -132,23 +140,24 @@ def test_layer_graph(benchmark, shape, p, provider):
     bench_layer(benchmark, provider, shape, "bf16", RANK, p, GRAPH_MODE)
 
 
-@pytest.mark.parametrize("provider", ("fused", "plain", "frozen"))
+@pytest.mark.parametrize("provider", ("fused", SPLIT_PROVIDER, "plain", "frozen"))
 def test_layer_profile(benchmark, provider):
     """Where one eager forward+backward of the ViT-B/16 q/k/v projection spends its time:
     each op's host and device time per call (``torch.profiler``), after the usual check.
     On a CPU the device column is empty and the host column is the whole call."""
     shape = next(s for s in SHAPES if s.name == GRAPH_SHAPES[0])
     case = make_layer_case(shape, DTYPES["bf16"], RANK, DROPOUT, DEVICE)
-    errs = check_layer(provider, case)
-    forward = layer_forward(provider, case)
-
-    def fn() -> None:
-        case.zero_grads()
-        forward().backward(case.dy)
-
-    benchmark.group = f"layer profile {shape.name} bf16 r{RANK} p{DROPOUT} fwd+bwd"
     result: dict = {}
-    benchmark.pedantic(lambda: result.update(profile_ops(fn, DEVICE)), rounds=1, iterations=1)
+    with backward_impl(provider):
+        errs = check_layer(provider, case)
+        forward = layer_forward(provider, case)
+
+        def fn() -> None:
+            case.zero_grads()
+            forward().backward(case.dy)
+
+        benchmark.group = f"layer profile {shape.name} bf16 r{RANK} p{DROPOUT} fwd+bwd"
+        benchmark.pedantic(lambda: result.update(profile_ops(fn, DEVICE)), rounds=1, iterations=1)
     assert result["ops"] and result["host_us"] > 0
     assert DEVICE.type != "cuda" or result["device_us"] > 0, "the profiler saw no kernel on the GPU"
     benchmark.extra_info.update(

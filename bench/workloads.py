@@ -266,6 +266,10 @@ def text_tokens(provider: str, tokens: torch.Tensor) -> int:
 
 # Provider names, in the order the report's columns list them (bench.providers builds them).
 LAYER_PROVIDERS = ("fused", "plain", "official-style", "plain+compile", "frozen")
+# The fused op with the split backward (lora_kernels/split_backward.py), for the A/B
+# against the one-pass backward: in the CUDA-graph rows and the profile only.
+SPLIT_PROVIDER = "fused+split"
+FUSED_LAYER_PROVIDERS = ("fused", SPLIT_PROVIDER)
 STEP_PROVIDERS = (
     "fused",
     "plain",

@@ -252,3 +252,17 @@ def test_quantiles_follow_do_bench():
     samples = torch.rand(37, generator=torch.Generator().manual_seed(4)).mul(10).tolist()
     qs = [0.5, 0.2, 0.8]
     assert quantiles(samples, qs) == pytest.approx(testing._quantile(samples, qs), rel=1e-12)
+
+
+def test_the_split_provider_runs_the_split_backward():
+    """fused+split times the split backward (CUDA-graph rows, profile); every other
+    provider, fused included, the one-pass kernel; the setting is restored after."""
+    from bench.providers import backward_impl
+    from lora_kernels import fused_lora
+
+    before = fused_lora.BACKWARD_IMPL
+    with backward_impl("fused+split"):
+        assert fused_lora.BACKWARD_IMPL == "split"
+    with backward_impl("fused"):
+        assert fused_lora.BACKWARD_IMPL == "fused"
+    assert fused_lora.BACKWARD_IMPL == before

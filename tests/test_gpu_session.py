@@ -64,9 +64,9 @@ def test_stage_2_is_the_headline_layer_groups_with_every_provider(collected):
         f"bench/test_layer.py::test_layer_graph[{shape}-p{p}-{provider}]"
         for shape in gs.HEADLINE_SHAPES
         for p in (0.25, 0.0)
-        for provider in providers.LAYER_PROVIDERS
+        for provider in (*providers.LAYER_PROVIDERS, "fused+split")
         if provider != "plain+compile"
-    ] + [f"bench/test_layer.py::test_layer_profile[{p}]" for p in ("fused", "plain", "frozen")]
+    ] + [f"bench/test_layer.py::test_layer_profile[{p}]" for p in ("fused", "fused+split", "plain", "frozen")]
     assert sorted(assigned["2"]) == sorted(expected)
 
 

@@ -150,7 +150,9 @@ def test_every_padded_width_has_a_configuration():
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs an NVIDIA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("shape", [(6304, 768, [768, 768, 768]), (6304, 768, [768])], ids=["vit-b16-qkv", "vit-b16-out"])
+@pytest.mark.parametrize(
+    "shape", [(6304, 768, [768, 768, 768]), (6304, 768, [768])], ids=["vit-b16-qkv", "vit-b16-out"]
+)
 @pytest.mark.parametrize("p", [0.0, 0.25])
 def test_split_cuda_real_shapes(dtype, shape, p):
     m, k, sizes = shape
