@@ -29,6 +29,8 @@ Passes over the big tensors (X, W, Y, dY, dX); everything else is M×S·R or sma
                               epilogue regenerates each slot's mask on its X tile and
                               adds the masked dH·A term to dX and the dA partials.
               reductions      dA, dB partials [M/BLOCK_M, …] summed in a fixed order.
+    (:mod:`.split_backward` holds the alternative: dY W by cuBLAS, then one Triton pass
+    over dY and one over X and dX; ``BACKWARD_IMPL`` below selects it.)
 
     Column tiles never straddle two slots (:func:`_slot_tile`), so a NaN or Inf in one
     slot's A, B, H or dY never meets another slot's values as NaN·0; dropout multiplies
