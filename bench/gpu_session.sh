@@ -19,6 +19,9 @@
 #                stages 1, 2, 2h, 3, 3o took 114, 63, 35, 65, 96 s.  Its first run failed stage 1
 #                (two Triton 3.6 miscompiles); `python -m bench.gpu_probe` (see its docstring)
 #                located them in two short calls, and the rerun with --budget 430 fitted the rest.
+#                Second session (H200, 2026-11-26): start ~30 s; stage 1 ~125 s on a cold
+#                machine (its limit is now 180 s), 34 s warm; 2, 2h, 3, 3o, 4b took 64, 32,
+#                58, 106, 177 s (bench/NOTES.md section 10.1).
 #   later call, for the parts a first run had no time for:
 #                run(command="bash bench/gpu_session.sh --stages 4b,4c,4d,4e", carry=[".whl"], timeout_s=600)
 # The script installs open_clip from .whl/ itself (pip --no-index --target) when python3
