@@ -41,6 +41,7 @@ from .providers import (
 from .workloads import DATASETS as DATASETS_CLASSES
 from .workloads import (
     STEP_TABLE_PROVIDERS,
+    STEP_TABLE_RATIOS,
     STEP_TABLE_ROUNDS,
     bench_size,
     step_flops,
@@ -250,17 +251,6 @@ def _interleaved_steps(benchmark, base_model, device, work, providers, rounds):
 
         benchmark.pedantic(measure, rounds=1, iterations=1)
     return inputs, errs, result, 1 if device.type == "cpu" else threads
-
-
-# The per-dataset ratios of the step table: the step target (plain ÷ fused ≥ 1.25,
-# DESIGN.md section 4), the distance to the no-LoRA floor, the paper code's step against
-# the eager step with the options on, and that step's distance to its own floor.
-STEP_TABLE_RATIOS = {
-    "plain ÷ fused": ("plain", "fused"),
-    "fused ÷ frozen": ("fused", "frozen"),
-    "official ÷ fused+bucket+half": ("official", "fused+bucket+half"),
-    "fused+bucket+half ÷ frozen+bucket+half": ("fused+bucket+half", "frozen+bucket+half"),
-}
 
 
 @pytest.mark.parametrize("work", WORKLOADS, ids=lambda w: w.dataset)
