@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One GPU session's measurements, in budgeted stages (bench/gpu_session.py says what each
 # stage runs): 1 the CUDA correctness tests (the gate: if one fails, nothing is timed),
-# 2 the headline layer ratios, 3 the training step on EuroSAT/DTD/ImageNet, 4a-4e the rest
-# of bench/ as long as the budget lasts.  Each stage runs under its own time limit and
+# 2 the headline layer ratios, 3 the training step on EuroSAT/DTD/ImageNet (then 3o the step
+# options and 3t the interleaved step table on all 11 datasets), 4a-4e the rest of bench/
+# as long as the budget lasts.  Each stage runs under its own time limit and
 # leaves its bundle in $OUT before the next starts, so a cut-off run still returns what it
 # measured.  It prints the expected device time per stage before it starts.
 #
