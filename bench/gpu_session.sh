@@ -22,6 +22,9 @@
 #                located them in two short calls, and the rerun with --budget 430 fitted the rest.
 #   later call, for the parts a first run had no time for:
 #                run(command="bash bench/gpu_session.sh --stages 4b,4c,4d,4e", carry=[".whl"], timeout_s=600)
+#   the step table alone (stage 3t, ~220 s expected, after the gate; in a full run it comes
+#   after 3o and the 540 s budget may cut it, keeping the datasets it finished):
+#                run(command="bash bench/gpu_session.sh --stages 3t", carry=[".whl"], timeout_s=600)
 # The script installs open_clip from .whl/ itself (pip --no-index --target) when python3
 # cannot import it.  What comes back (at most 8 files): session.json (GPU, versions, date,
 # plan, each stage's status and time, the headline ratios), session.log, stage0-setup,
