@@ -17,7 +17,11 @@ stage gets SIGINT, as Ctrl-C, and pytest-benchmark saves the benchmarks that ran
    then (2h) the layer's host time per call with the real kernels on tiny shapes,
    against ``F.linear`` (``bench/host_path.py``);
 3. the training step on EuroSAT (10 classes), DTD (47) and ImageNet (1000): fused,
-   plain, frozen, with peak memory;
+   plain, frozen, official, fused+bucket+half, with peak memory; then (3o) the step's
+   options on ImageNet, interleaved, and (3t) the step table on all 11 datasets,
+   interleaved (``test_step_table``: fused, plain, frozen, official and the two
+   bucketed half-stored steps, round-robin, so the per-dataset ratios do not follow the
+   host's load);
 4. the rest of ``bench/``, in parts (4a ...), as long as the budget lasts; a later call
    runs the parts left (``--stages 4b,4c``).
 
@@ -134,7 +138,7 @@ HEADLINE_DATASETS = ("EuroSAT", "DTD", "ImageNet")
 # training options on (issue 13's table).
 HEADLINE_STEP_PROVIDERS = ("fused", "plain", "frozen", "official", "fused+bucket+half")
 LAYER_FUNCTIONS = ("test_layer", "test_layer_no_dropout")
-STEP_FUNCTIONS = ("test_step", "test_step_options")
+STEP_FUNCTIONS = ("test_step", "test_step_options", "test_step_table")
 TEST_FILES = (
     "tests/test_kernels.py",
     "tests/test_dropout.py",
@@ -157,6 +161,13 @@ EST_LAYER_S = 1.5
 EST_COMPILE_S = 25.0
 EST_STEP_S = 5.0
 EST_TEST_S = 1.5
+# test_step_table, per dataset: each provider's model build and check (stage 4b on the
+# H200: 2.2 s per test_step benchmark, ~1.1 s of it timing), and one round of its
+# providers' steps, which grows with the class count (H200, test_step's medians: 0.22-
+# 0.29 s with up to 397 classes, 0.52 s with ImageNet's 1000).
+EST_TABLE_BUILD_S = 1.5
+EST_TABLE_ROUND_S = 0.25
+EST_TABLE_ROUND_PER_1000_CLASSES_S = 0.27
 GPU_WORKERS = 8  # pytest-xdist workers on the GPU machine (16 cores)
 
 
@@ -247,6 +258,15 @@ STAGES: tuple[Stage, ...] = (
         select=lambda it: _fn(it) == "test_step_options",
     ),
     Stage(
+        "3t",
+        "step-table",
+        "step table on all 11 datasets, interleaved: fused, plain, frozen, official, fused+bucket+half, "
+        "frozen+bucket+half",
+        240,
+        "stage3-step",
+        select=lambda it: _fn(it) == "test_step_table",
+    ),
+    Stage(
         "4a",
         "layer-bf16",
         "layer ratios on the other shapes (text qkv 10/100/1000 classes, ViT-L/14), bf16 fwd+bwd",
@@ -293,8 +313,8 @@ def parse_stages(text: str) -> list[Stage]:
     """``"1,2,3,4"`` -> those stages in session order; ``4`` means every part 4a ... 4e."""
     wanted: set[str] = set()
     for key in (k.strip() for k in text.split(",") if k.strip()):
-        # "2" also runs its appendix 2h (the host path), "3" its 3o (the step options);
-        # "4" every part 4a ... 4e.
+        # "2" also runs its appendix 2h (the host path), "3" its 3o (the step options)
+        # and 3t (the interleaved step table); "4" every part 4a ... 4e.
         parts = [s.key for s in STAGES if s.key == key or (key in ("2", "3", "4") and s.key.startswith(key))]
         if not parts:
             raise ValueError(f"--stages: unknown stage {key!r}; known: {', '.join(STAGE_KEYS)} (4 = all of 4a-4e)")
@@ -339,7 +359,18 @@ def estimate_s(stage: Stage, items: list[dict], workers: int) -> float:
     )
     compile_s = EST_COMPILE_S * compiles / (max(1, workers) if stage.warm else 1)
     warm_start = EST_START_S if stage.warm else 0.0
-    return EST_START_S + warm_start + EST_LAYER_S * len(layer) + compile_s + EST_STEP_S * steps
+    table = [it for it in items if _fn(it) == "test_step_table"]
+    est = EST_START_S + warm_start + EST_LAYER_S * len(layer) + compile_s + EST_STEP_S * (steps - len(table))
+    return est + sum(_step_table_s(str(_p(it, "work"))) for it in table)
+
+
+def _step_table_s(dataset: str) -> float:
+    """Expected seconds of test_step_table on ``dataset`` (GPU, full size): its models'
+    builds and checks, the warm-up round and the timed rounds."""
+    from .workloads import DATASETS, STEP_TABLE_PROVIDERS, STEP_TABLE_ROUNDS
+
+    per_round = EST_TABLE_ROUND_S + EST_TABLE_ROUND_PER_1000_CLASSES_S * DATASETS.get(dataset, 1000) / 1000
+    return EST_TABLE_BUILD_S * len(STEP_TABLE_PROVIDERS) + (STEP_TABLE_ROUNDS["cuda"] + 1) * per_round
 
 
 # =============================================================================
@@ -534,7 +565,8 @@ def bundle(out: Path, name: str, folders: Iterable[Path]) -> Path:
 
 
 def load_groups(paths: Iterable[Path]) -> dict[str, dict[str, dict]]:
-    """``group -> provider -> {time_ms, peak_mem_mb}`` from pytest-benchmark JSONs."""
+    """``group -> provider -> {time_ms, peak_mem_mb, ratios}`` from pytest-benchmark JSONs
+    (``ratios``: an interleaved benchmark's, else None)."""
     groups: dict[str, dict[str, dict]] = {}
     for path in paths:
         try:
@@ -550,6 +582,7 @@ def load_groups(paths: Iterable[Path]) -> dict[str, dict[str, dict]]:
                 groups.setdefault(b["group"], {})[info["provider"]] = {
                     "time_ms": t,
                     "peak_mem_mb": info.get("peak_mem_mb"),
+                    "ratios": info.get("ratios"),
                 }
     return groups
 
@@ -588,6 +621,13 @@ def headline(groups: dict[str, dict[str, dict]]) -> list[dict]:
         add("step fused ÷ frozen", f"step {dataset}", "fused", "frozen", "none (the floor is 1)")
         add("step official ÷ fused+bucket+half", f"step {dataset}", "official", "fused+bucket+half", "none")
     add("peak memory fused ÷ plain", "step ImageNet", "fused", "plain", "≤ 0.8", key="peak_mem_mb")
+    # The interleaved step table (stage 3t): its per-dataset plain ÷ fused of minimum wall times.
+    from .workloads import DATASETS
+
+    for group in (f"step table {d}" for d in DATASETS if f"step table {d}" in groups):
+        ratios = groups[group].get("interleaved", {}).get("ratios") or {}
+        value = ratios.get("plain ÷ fused", {}).get("wall_ratio")
+        rows.append({"ratio": "step plain ÷ fused (interleaved)", "group": group, "value": value, "target": "≥ 1.25"})
     return rows
 
 

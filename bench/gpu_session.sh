@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One GPU session's measurements, in budgeted stages (bench/gpu_session.py says what each
 # stage runs): 1 the CUDA correctness tests (the gate: if one fails, nothing is timed),
-# 2 the headline layer ratios, 3 the training step on EuroSAT/DTD/ImageNet, 4a-4e the rest
-# of bench/ as long as the budget lasts.  Each stage runs under its own time limit and
+# 2 the headline layer ratios, 3 the training step on EuroSAT/DTD/ImageNet (then 3o the step
+# options and 3t the interleaved step table on all 11 datasets), 4a-4e the rest of bench/
+# as long as the budget lasts.  Each stage runs under its own time limit and
 # leaves its bundle in $OUT before the next starts, so a cut-off run still returns what it
 # measured.  It prints the expected device time per stage before it starts.
 #
@@ -24,6 +25,9 @@
 #                58, 106, 177 s (bench/NOTES.md section 10.1).
 #   later call, for the parts a first run had no time for:
 #                run(command="bash bench/gpu_session.sh --stages 4b,4c,4d,4e", carry=[".whl"], timeout_s=600)
+#   the step table alone (stage 3t, ~220 s expected, after the gate; in a full run it comes
+#   after 3o and the 540 s budget may cut it, keeping the datasets it finished):
+#                run(command="bash bench/gpu_session.sh --stages 3t", carry=[".whl"], timeout_s=600)
 # The script installs open_clip from .whl/ itself (pip --no-index --target) when python3
 # cannot import it.  What comes back (at most 8 files): session.json (GPU, versions, date,
 # plan, each stage's status and time, the headline ratios), session.log, stage0-setup,

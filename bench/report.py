@@ -4,9 +4,9 @@
     python -m bench.report bench/results/<gpu>-<date>.json --out bench/results/<gpu>-<date>
 
 writes ``<out>/report.md`` (context, DESIGN.md section 4 targets, the step table per
-dataset, every layer group with each provider's time ÷ fused from the same run, peak
-memory) and ``<out>/step_speedup.png``, ``<out>/step_memory.png``,
-``<out>/layer_rank_sweep.png``.
+dataset, the same measured interleaved (``test_step_table``), every layer group with
+each provider's time ÷ fused from the same run, peak memory) and
+``<out>/step_speedup.png``, ``<out>/step_memory.png``, ``<out>/layer_rank_sweep.png``.
 
 Times: ``extra_info["time_ms"]`` (do_bench median on CUDA; the pytest-benchmark median
 on CPU), else the pytest-benchmark median.  Ratios are only ever taken within one
@@ -23,7 +23,15 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from .workloads import DATASETS, LAYER_PROVIDERS, SPLIT_PROVIDER, STEP_PROVIDERS, TEXT_PROVIDERS
+from .workloads import (
+    DATASETS,
+    LAYER_PROVIDERS,
+    SPLIT_PROVIDER,
+    STEP_PROVIDERS,
+    STEP_TABLE_PROVIDERS,
+    STEP_TABLE_RATIOS,
+    TEXT_PROVIDERS,
+)
 
 LAYER_ORDER = (*LAYER_PROVIDERS, SPLIT_PROVIDER)
 STEP_ORDER = STEP_PROVIDERS
@@ -117,8 +125,14 @@ def target_rows(groups: dict[str, dict[str, Row]], claim: bool = True) -> list[l
             value = ratio(groups, layer_group(w), num, den)
             rows.append(_target_row(f"layer {w}, bf16 r2 p0.25", label, value, op, target, claim))
     for dataset in DATASETS:
-        value = ratio(groups, f"step {dataset}", "plain", "fused")
-        rows.append(_target_row(f"step {dataset}", "plain ÷ fused", value, "≥", 1.25, claim))
+        # The interleaved table, where measured: test_step's do_bench medians, taken
+        # minutes apart, follow the host's load on a host-bound step.
+        table = step_table(groups, dataset)
+        if table:
+            value, source = table["ratios"]["plain ÷ fused"]["wall_ratio"], TABLE_SOURCE
+        else:
+            value, source = ratio(groups, f"step {dataset}", "plain", "fused"), STEP_SOURCE
+        rows.append(_target_row(f"step {dataset}", f"plain ÷ fused ({source})", value, "≥", 1.25, claim))
     value = ratio(groups, "step ImageNet", "fused", "plain", memory=True)
     rows.append(_target_row("step ImageNet", "peak memory fused ÷ plain", value, "≤", 0.8, claim))
     # Issue 13's text-tower ratios hold on any device (CPU time follows FLOPs): always judged.
@@ -130,6 +144,16 @@ def target_rows(groups: dict[str, dict[str, Row]], claim: bool = True) -> list[l
     rows.append(_target_row("text ImageNet", "tokens bucketed ÷ trimmed", tokens, "≤", 0.6, True))
     rows.append(_target_row("text ImageNet", "text fwd+bwd time bucketed ÷ trimmed", value, "≤", 0.7, True))
     return rows
+
+
+TABLE_SOURCE = "interleaved min wall"
+STEP_SOURCE = "test_step medians"
+
+
+def step_table(groups, dataset: str) -> dict | None:
+    """``extra_info`` of ``test_step_table`` on ``dataset`` (per-provider times, ratios), or None."""
+    row = groups.get(f"step table {dataset}", {}).get("interleaved")
+    return row.info if row and row.info.get("ratios") else None
 
 
 def interleaved_ratios(groups, dataset: str) -> dict | None:
@@ -185,6 +209,28 @@ def step_rows(groups: dict[str, dict[str, Row]]) -> list[list[str]]:
                 _fmt(ratio(groups, f"step {dataset}", BEST, COMPILED), ".2f", "×"),
                 *[_fmt(g[p].peak_mb, ".0f") if p in g else "—" for p in STEP_ORDER],
                 _fmt(ratio(groups, f"step {dataset}", "fused", "plain", memory=True), ".2f"),
+            ]
+        )
+    return rows
+
+
+def step_table_rows(groups: dict[str, dict[str, Row]]) -> list[list[str]]:
+    """One row per dataset of ``test_step_table``: minimum wall ms per provider and the ratios."""
+    rows = []
+    for dataset in DATASETS:
+        info = step_table(groups, dataset)
+        if not info:
+            continue
+        wall, r = info["wall_s"], info["ratios"]
+        rows.append(
+            [
+                dataset,
+                str(info.get("n_classes", "")),
+                *[_fmt(wall[p] * 1e3, ".4g") if p in wall else "—" for p in STEP_TABLE_PROVIDERS],
+                *[_fmt(r[label]["wall_ratio"], ".2f") for label in STEP_TABLE_RATIOS],
+                _fmt(r["plain ÷ fused"]["wall_median_ratio"], ".2f"),
+                _fmt(r["plain ÷ fused"]["cpu_ratio"], ".2f"),
+                f"{info.get('rounds')} × {info.get('threads')} thread(s)",
             ]
         )
     return rows
@@ -278,6 +324,23 @@ def render(context: dict, groups: dict[str, dict[str, Row]]) -> str:
     header += [f"{BEST} ÷ {COMPILED}"]
     header += [*[f"{p} MiB" for p in STEP_ORDER], "mem fused ÷ plain"]
     lines += _table(header, step_rows(groups))
+    table_rows = step_table_rows(groups)
+    if table_rows:
+        lines += [
+            "",
+            "## CLIP-LoRA training step per dataset, interleaved",
+            "",
+            "The step table's providers measured together (`test_step_table`): each passed its check, then "
+            "every step ran once per round, round-robin, after a warm-up round, so that the host's load "
+            "(the eager step is host-bound on a GPU) reaches all of them alike. Times: minimum wall ms over "
+            "the rounds (on CUDA each step ends with a synchronize); ratios of those minima, and for "
+            "`plain ÷ fused` also of the median wall times and of the median process CPU times. The "
+            "Targets table's per-dataset `plain ÷ fused` comes from here where this table has the dataset.",
+            "",
+        ]
+        header = ["dataset", "classes", *[f"{p} ms" for p in STEP_TABLE_PROVIDERS], *STEP_TABLE_RATIOS]
+        header += ["plain ÷ fused (median wall)", "plain ÷ fused (median CPU)", "rounds"]
+        lines += _table(header, table_rows)
     option_rows = []
     for name in sorted(g for g in groups if g.startswith("step options ")):
         info = groups[name]["interleaved"].info

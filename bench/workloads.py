@@ -285,6 +285,26 @@ STEP_PROVIDERS = (
 # compiled bucketed step shows what bucketing does once CUDA graphs remove the host cost
 # of each bucket's pass (the per-bucket cost clip_lora.text.BUCKET_COST_TOKENS assumes).
 OPTION_ONLY_PROVIDERS = ("fused+trim+half+compile",)
+# The interleaved per-dataset step table (bench/test_step.py::test_step_table): the
+# providers of the step target and of the floors, measured round-robin.
+STEP_TABLE_PROVIDERS = ("fused", "plain", "frozen", "official", "fused+bucket+half", "frozen+bucket+half")
+# Its per-dataset ratios, ``label -> (numerator, denominator)``: the step target (plain ÷
+# fused ≥ 1.25, DESIGN.md section 4), the distance to the no-LoRA floor, the paper code's
+# step against the eager step with the options on, and that step's distance to its floor.
+STEP_TABLE_RATIOS = {
+    "plain ÷ fused": ("plain", "fused"),
+    "fused ÷ frozen": ("fused", "frozen"),
+    "official ÷ fused+bucket+half": ("official", "fused+bucket+half"),
+    "fused+bucket+half ÷ frozen+bucket+half": ("fused+bucket+half", "frozen+bucket+half"),
+}
+# Its rounds.  On the H200 (bench/results/NVIDIA-H200-20261126, test_step's do_bench
+# medians) one step of each of those six providers took 0.52 s on ImageNet, 0.28 s on
+# SUN397 and 0.22-0.29 s on the other nine: 3.1 s a round over the 11 workloads.  So 30
+# rounds and the warm-up round measure 31 x 3.1 = ~96 s; the 66 model builds and checks
+# (~1.1 s each, from stage 4b's 2.2 s per test_step benchmark less its ~1.1 s of timing)
+# and a process start bring the whole table to ~190 s on a GPU.  On CPU (the small size,
+# one thread) 5 rounds keep the 11 workloads within about a minute.
+STEP_TABLE_ROUNDS = {"cpu": 5, "cuda": 30}
 TEXT_PROVIDERS = ("full", "trimmed", "bucketed", "bucket1", "bucket2", "bucket4", "bucket8")
 
 
