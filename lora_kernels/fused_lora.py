@@ -52,7 +52,7 @@ import math
 import numbers
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -504,6 +504,8 @@ class _Launch(NamedTuple):
     threshold: int
     keep: float
     precision: str
+    # A_cat and B_cat have fewer than 2^31 elements: contiguous operands need no copy.
+    int32_ok: bool
 
 
 @functools.lru_cache(maxsize=4096)
@@ -522,19 +524,27 @@ def _launch(M: int, K: int, N: int, R: int, slot_bounds: tuple[int, ...], dtype:
         backward_grid=(rows * _cdiv(K, backward.block_k),),
         backward_rows=rows, bound1=b1, bound2=b2,
         threshold=keep_threshold(p), keep=keep_scale(p), precision=_dot_precision(dtype),
+        int32_ok=max(S * R * K, N * R) < _INT32_REACH,
     )
 
 
-def _triton_forward(x, weight, bias, lora_a, lora_b, seed, slot_bounds, adapted, scale, p):
-    """Launches the shrink and the GEMM; ``seed`` is a 0-d int64 tensor (unread without dropout)."""
+def _triton_forward(x, weight, bias, lora_a, lora_b, seed, slot_bounds, adapted, scale, p, L=None):
+    """Launches the shrink and the GEMM; ``seed`` is a 0-d int64 tensor (unread without dropout).
+
+    ``L``: the call's :func:`_launch`, when the caller already has it."""
     M, K = x.shape
-    N, R = weight.shape[0], lora_b.shape[1]
-    L = _launch(M, K, N, R, tuple(slot_bounds), x.dtype, p)
-    x, weight, lora_a, lora_b = _operands(x, weight, lora_a, lora_b)
+    N = weight.shape[0]
+    if L is None:
+        L = _launch(M, K, N, lora_b.shape[1], tuple(slot_bounds), x.dtype, p)
+    R = lora_b.shape[1]
+    if not (L.int32_ok and x.is_contiguous() and weight.is_contiguous() and lora_a.is_contiguous()
+            and lora_b.is_contiguous()):  # fmt: skip
+        x, weight, lora_a, lora_b = _operands(x, weight, lora_a, lora_b)
     # The bias is read with unit stride; it is N values, so a copy costs nothing.
     bias = bias.contiguous() if bias is not None else None
-    h = torch.empty((M, L.SR), device=x.device, dtype=torch.float32)
-    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    # Sizes as separate arguments: torch.empty parses a size tuple ~0.5 µs slower.
+    h = torch.empty(M, L.SR, device=x.device, dtype=torch.float32)
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     sx, sa, sb = x.stride(), lora_a.stride(), lora_b.stride()
     cfg = L.shrink
     _lora_shrink_kernel[L.shrink_grid](
@@ -568,7 +578,7 @@ if BACKWARD_IMPL not in BACKWARD_IMPLS:
     raise ValueError(f"${BACKWARD_ENV} must be one of {BACKWARD_IMPLS}, got {BACKWARD_IMPL!r}")
 
 
-def _triton_backward(dy, x, weight, h, lora_a, lora_b, seed, slot_bounds, adapted, scale, p):
+def _triton_backward(dy, x, weight, h, lora_a, lora_b, seed, slot_bounds, adapted, scale, p, L=None):
     if BACKWARD_IMPL != "fused":
         if BACKWARD_IMPL != "split":
             raise ValueError(f"fused_lora.BACKWARD_IMPL must be one of {BACKWARD_IMPLS}, got {BACKWARD_IMPL!r}")
@@ -577,11 +587,16 @@ def _triton_backward(dy, x, weight, h, lora_a, lora_b, seed, slot_bounds, adapte
         return triton_backward_split(dy, x, weight, h, lora_a, lora_b, seed, slot_bounds, adapted, scale, p)
     M, K = x.shape
     N, R = weight.shape[0], lora_b.shape[1]
-    L = _launch(M, K, N, R, tuple(slot_bounds), x.dtype, p)
-    x, weight, lora_a, lora_b = _operands(x, weight, lora_a, lora_b)
-    dy = _addressable(dy)
-    h = h.contiguous()  # read with row stride S·R
-    dx = torch.empty((M, K), device=x.device, dtype=x.dtype)
+    if L is None:
+        L = _launch(M, K, N, R, tuple(slot_bounds), x.dtype, p)
+    if not (L.int32_ok and x.is_contiguous() and weight.is_contiguous() and lora_a.is_contiguous()
+            and lora_b.is_contiguous()):  # fmt: skip
+        x, weight, lora_a, lora_b = _operands(x, weight, lora_a, lora_b)
+    if not dy.is_contiguous():  # (_addressable returns a contiguous tensor as it is)
+        dy = _addressable(dy)
+    if not h.is_contiguous():  # read with row stride S·R
+        h = h.contiguous()
+    dx = torch.empty(M, K, device=x.device, dtype=x.dtype)
     # Partials, reduced below by ONE torch.sum in a fixed order (deterministic): row
     # pid_m holds that row tile's dA [S·R, K] and then its dB [N, R]; small
     # (M/BLOCK_M × (S·R·K + N·R) fp32).  The kernel writes every element, except with
@@ -591,7 +606,7 @@ def _triton_backward(dy, x, weight, h, lora_a, lora_b, seed, slot_bounds, adapte
     srk = L.SR * K
     width = srk + N * R
     alloc = torch.zeros if p > 0.0 and adapted != (1 << L.S) - 1 else torch.empty
-    part = alloc((L.backward_rows, width), device=x.device, dtype=torch.float32)
+    part = alloc(L.backward_rows, width, device=x.device, dtype=torch.float32)
     sdy, sw, sx, sa, sb = dy.stride(), weight.stride(), x.stride(), lora_a.stride(), lora_b.stride()
     cfg = L.backward
     _lora_backward_kernel[L.backward_grid](
@@ -722,21 +737,41 @@ class _LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, seed, launch):
-        slot_bounds, adapted, scale, p, use_triton = launch
-        impl = _triton_forward if use_triton else _torch_forward
-        y, h = impl(x, weight, bias, lora_a, lora_b, seed, slot_bounds, adapted, scale, p)
+        # launch: (slot_bounds, adapted, scale, p, L), L the _Launch for Triton, None for torch
+        slot_bounds, adapted, scale, p, L = launch
+        if L is not None:
+            y, h = _triton_forward(x, weight, bias, lora_a, lora_b, seed, slot_bounds, adapted, scale, p, L)
+        else:
+            y, h = _torch_forward(x, weight, bias, lora_a, lora_b, seed, slot_bounds, adapted, scale, p)
         ctx.save_for_backward(x, weight, h, lora_a, lora_b, seed)
         ctx.launch = launch
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
+        if torch.is_grad_enabled():
+            # create_graph=True: the backward is not differentiable, so a second
+            # derivative must fail loudly, as once_differentiable makes it.  Otherwise
+            # (every training step) the engine already runs this with grad disabled, and
+            # once_differentiable's no_grad block would only cost host time.
+            return _once_differentiable_backward(ctx, dy)
         x, weight, h, lora_a, lora_b, seed = ctx.saved_tensors
-        slot_bounds, adapted, scale, p, use_triton = ctx.launch
-        impl = _triton_backward if use_triton else _torch_backward
-        dx, da, db = impl(dy.contiguous(), x, weight, h, lora_a, lora_b, seed, slot_bounds, adapted, scale, p)
+        slot_bounds, adapted, scale, p, L = ctx.launch
+        if L is not None:
+            dx, da, db = _triton_backward(
+                dy.contiguous(), x, weight, h, lora_a, lora_b, seed, slot_bounds, adapted, scale, p, L
+            )
+        else:
+            dx, da, db = _torch_backward(
+                dy.contiguous(), x, weight, h, lora_a, lora_b, seed, slot_bounds, adapted, scale, p
+            )
         return dx, None, None, da, db, None, None
+
+
+@torch.autograd.function.once_differentiable
+def _once_differentiable_backward(ctx, dy):
+    # Grad mode is off inside, so this runs the plain branch of backward.
+    return _LoRALinearFunction.backward(ctx, dy)
 
 
 # Benchmarks set this to time eager calls through the custom op (bench/host_path.py).
@@ -754,8 +789,41 @@ def draw_seed(device: torch.device | str = "cpu") -> torch.Tensor:
     return torch.randint(0, SEED_MAX, (), device=device, dtype=torch.int64)
 
 
+# os.environ.get raises and catches a KeyError inside when the variable is unset: ~1 µs
+# on every call.  The mapping's own dict (what os.environ reads and writes, so the answer
+# is the same, monkeypatch.setenv included) answers in a few ns.
+_BACKEND_ENV_KEY = os.environ.encodekey(BACKEND_ENV) if hasattr(os.environ, "encodekey") else None
+
+
+def _backend_env() -> str | None:
+    data = getattr(os.environ, "_data", None)
+    if data is None or _BACKEND_ENV_KEY is None:
+        return os.environ.get(BACKEND_ENV)
+    value = data.get(_BACKEND_ENV_KEY)
+    return None if value is None else os.environ.decodevalue(value)
+
+
+# (backend argument, $CLIP_LORA_BACKEND, device) -> use Triton.  The environment is read
+# on every call and is part of the key, so changing it between calls changes the backend.
+_BACKENDS: dict[tuple[str | None, str | None, torch.device], bool] = {}
+
+
 def _use_triton(backend: str | None, device: torch.device) -> bool:
-    backend = backend or os.environ.get(BACKEND_ENV) or "auto"
+    key = (backend, _backend_env(), device)
+    try:
+        use = _BACKENDS.get(key)
+    except TypeError:  # an unhashable backend argument: refused below with the usual message
+        use = None
+    if use is None:
+        use = _resolve_backend(backend or key[1] or "auto", device)
+        # Triton on a CPU (the interpreter) also depends on $TRITON_INTERPRET: checked
+        # every call, never cached.  Bad values raise above and are never cached either.
+        if not use or device.type == "cuda":
+            _BACKENDS[key] = use
+    return use
+
+
+def _resolve_backend(backend: str, device: torch.device) -> bool:
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r} (also check ${BACKEND_ENV})")
     if backend == "torch":
@@ -926,18 +994,24 @@ class SlotLayout:
     rank: int
     adapted: int
     bounds: tuple[int, ...]
+    # Derived once here rather than as properties: every call compares shapes with them.
+    out_features: int = field(init=False, repr=False, compare=False)
+    weight_shape: tuple[int, int] = field(init=False, repr=False, compare=False)
+    a_shape: tuple[int, int] = field(init=False, repr=False, compare=False)
+    b_shape: tuple[int, int] = field(init=False, repr=False, compare=False)
+    bias_shape: tuple[int] = field(init=False, repr=False, compare=False)
 
-    @property
-    def out_features(self) -> int:
-        return self.bounds[-1]
-
-    @property
-    def a_shape(self) -> tuple[int, int]:
-        return len(self.slot_sizes) * self.rank, self.in_features
-
-    @property
-    def b_shape(self) -> tuple[int, int]:
-        return self.bounds[-1], self.rank
+    def __post_init__(self) -> None:
+        n = self.bounds[-1]
+        derived = dict(
+            out_features=n,
+            weight_shape=(n, self.in_features),
+            a_shape=(len(self.slot_sizes) * self.rank, self.in_features),
+            b_shape=(n, self.rank),
+            bias_shape=(n,),
+        )
+        for name, value in derived.items():
+            object.__setattr__(self, name, value)
 
 
 def slot_layout(
@@ -997,16 +1071,45 @@ def lora_linear_packed(
     """
     if not isinstance(layout, SlotLayout):
         raise TypeError(f"layout must be a SlotLayout from lora_kernels.slot_layout, got {type(layout).__name__}")
-    # Checks run every call, so the passing case is one expression per property; the
-    # precise message comes from the slow path only when something is wrong.
+    # Checks run every call, so the passing case is one expression; the precise message
+    # comes from _check_packed, which runs only when something is wrong.
     try:
-        floats = x.is_floating_point() and weight.is_floating_point()
-        floats = floats and lora_a.is_floating_point() and lora_b.is_floating_point()
-    except AttributeError:
-        floats = False
-    if not floats:
-        for name, t in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
-            _check_float(name, t)
+        device = x.device
+        ok = (
+            x.is_floating_point() and weight.is_floating_point()
+            and lora_a.is_floating_point() and lora_b.is_floating_point()
+            and weight.shape == layout.weight_shape and x.shape[-1] == layout.in_features and x.numel() > 0
+            and lora_a.shape == layout.a_shape and lora_b.shape == layout.b_shape
+            and device == weight.device == lora_a.device == lora_b.device
+            and (
+                bias is None
+                or (bias.is_floating_point() and bias.shape == layout.bias_shape and bias.device == device)
+            )
+        )
+    except (AttributeError, IndexError):  # not a tensor, or a 0-d x
+        ok = False
+    if not ok:
+        _check_packed(x, weight, bias, lora_a, lora_b, layout)
+    if type(scale) is not float or not math.isfinite(scale):
+        scale = _check_real("scale", scale)
+    if type(dropout_p) is not float:
+        dropout_p = _check_real("dropout_p", dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if seed is not None and not (type(seed) is torch.Tensor and seed.dtype == torch.int64 and seed.dim() == 0):
+        seed = check_seed(seed)  # anything but what draw_seed returns: converted or refused
+    if (weight.requires_grad or (bias is not None and bias.requires_grad)) and torch.is_grad_enabled():
+        _check_frozen(weight, bias)
+    return _lora_linear_core(
+        x, weight, bias, lora_a, lora_b, seed, layout.bounds, layout.adapted, scale, dropout_p, backend
+    )
+
+
+def _check_packed(x, weight, bias, lora_a, lora_b, layout: SlotLayout) -> None:
+    """The tensor checks of :func:`lora_linear_packed`, one by one: raises the first failure
+    with its own message (returns if all pass, which the fast check makes unreachable)."""
+    for name, t in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
+        _check_float(name, t)
     N, K = layout.out_features, layout.in_features
     if weight.shape != (N, K):
         raise ValueError(f"weight must be [{N}, {K}] for this layout, got {tuple(weight.shape)}")
@@ -1031,17 +1134,6 @@ def lora_linear_packed(
             f"all tensors must be on one device, got x on {device}, weight on {weight.device}, "
             f"lora_a on {lora_a.device}, lora_b on {lora_b.device}"
         )
-    scale = scale if type(scale) is float and math.isfinite(scale) else _check_real("scale", scale)
-    if type(dropout_p) is not float:
-        dropout_p = _check_real("dropout_p", dropout_p)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if seed is not None:
-        seed = check_seed(seed)
-    _check_frozen(weight, bias)
-    return _lora_linear_core(
-        x, weight, bias, lora_a, lora_b, seed, layout.bounds, layout.adapted, scale, dropout_p, backend
-    )
 
 
 def _check_frozen(weight, bias) -> None:
@@ -1057,7 +1149,8 @@ def _lora_linear_core(x, weight, bias, a_cat, b_cat, seed, bounds, adapted, scal
     if dropout_p > 0.0 and seed is None:
         raise ValueError("seed is required when dropout_p > 0: pass an int or lora_kernels.draw_seed(device)")
     device = x.device
-    if torch.is_autocast_enabled(device.type):
+    # x.is_cuda first: reading device.type builds a new string (~0.4 µs a call).
+    if torch.is_autocast_enabled("cuda" if x.is_cuda else device.type):
         # Same policy as autocast's F.linear: the frozen projection runs in the autocast
         # dtype; the adapters stay fp32 masters and are cast inside the kernels.
         dtype = torch.get_autocast_dtype(device.type)
@@ -1088,7 +1181,9 @@ def _lora_linear_core(x, weight, bias, a_cat, b_cat, seed, bounds, adapted, scal
             x2, weight, bias, a_cat, b_cat, seed, list(bounds), adapted, float(scale), dropout_p, use_triton
         )
     else:
-        launch = (bounds, adapted, float(scale), dropout_p, use_triton)
+        # The launch constants, looked up once for the forward and the backward.
+        L = _launch(x2.shape[0], K, weight.shape[0], b_cat.shape[1], bounds, x.dtype, dropout_p) if use_triton else None
+        launch = (bounds, adapted, float(scale), dropout_p, L)
         y = _LoRALinearFunction.apply(x2, weight, bias, a_cat, b_cat, seed, launch)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
 
