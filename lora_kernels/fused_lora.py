@@ -489,6 +489,7 @@ def _operands(x, weight, lora_a, lora_b):
 class _Launch(NamedTuple):
     """Everything about the three launches that depends only on shapes, dtype and p."""
 
+    shape: tuple[int, int, int, int]  # M, K, N, R
     S: int
     SR: int
     srp: int
@@ -506,6 +507,11 @@ class _Launch(NamedTuple):
     precision: str
     # A_cat and B_cat have fewer than 2^31 elements: contiguous operands need no copy.
     int32_ok: bool
+    # dA and dB as views of the reduced partials
+    da_size: tuple[int, int]
+    da_stride: tuple[int, int]
+    db_size: tuple[int, int]
+    db_stride: tuple[int, int]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -518,48 +524,54 @@ def _launch(M: int, K: int, N: int, R: int, slot_bounds: tuple[int, ...], dtype:
     b1, b2 = _bounds(slot_bounds, N)
     rows = _cdiv(M, backward.block_m)
     return _Launch(
-        S=S, SR=S * R, srp=srp, shrink=shrink, forward=forward, backward=backward,
+        shape=(M, K, N, R), S=S, SR=S * R, srp=srp, shrink=shrink, forward=forward, backward=backward,
         shrink_grid=(_cdiv(M, shrink.block_m),),
         forward_grid=(_cdiv(M, forward.block_m) * _count_slot_tiles(slot_bounds, forward.block_n),),
         backward_grid=(rows * _cdiv(K, backward.block_k),),
         backward_rows=rows, bound1=b1, bound2=b2,
         threshold=keep_threshold(p), keep=keep_scale(p), precision=_dot_precision(dtype),
         int32_ok=max(S * R * K, N * R) < _INT32_REACH,
+        da_size=(S * R, K), da_stride=(K, 1), db_size=(N, R), db_stride=(R, 1),
     )
 
 
 def _triton_forward(x, weight, bias, lora_a, lora_b, seed, slot_bounds, adapted, scale, p, L=None):
     """Launches the shrink and the GEMM; ``seed`` is a 0-d int64 tensor (unread without dropout).
 
-    ``L``: the call's :func:`_launch`, when the caller already has it."""
-    M, K = x.shape
-    N = weight.shape[0]
+    ``L``: the call's :func:`_launch`, when the caller has already looked it up."""
     if L is None:
-        L = _launch(M, K, N, lora_b.shape[1], tuple(slot_bounds), x.dtype, p)
-    R = lora_b.shape[1]
-    if not (L.int32_ok and x.is_contiguous() and weight.is_contiguous() and lora_a.is_contiguous()
-            and lora_b.is_contiguous()):  # fmt: skip
+        L = _launch(x.shape[0], x.shape[1], weight.shape[0], lora_b.shape[1], tuple(slot_bounds), x.dtype, p)
+    M, K, N, R = L.shape
+    if (
+        L.int32_ok and x.is_contiguous() and weight.is_contiguous() and lora_a.is_contiguous()
+        and lora_b.is_contiguous()
+    ):  # fmt: skip
+        # Strides follow from the shapes (a size-1 dim's stride never moves the address).
+        sxm = swn = sam = K
+        sbn = R
+        sxk = swk = sak = sbr = 1
+    else:
         x, weight, lora_a, lora_b = _operands(x, weight, lora_a, lora_b)
+        (sxm, sxk), (swn, swk), (sam, sak), (sbn, sbr) = x.stride(), weight.stride(), lora_a.stride(), lora_b.stride()
     # The bias is read with unit stride; it is N values, so a copy costs nothing.
     bias = bias.contiguous() if bias is not None else None
+    device = x.device
     # Sizes as separate arguments: torch.empty parses a size tuple ~0.5 µs slower.
-    h = torch.empty(M, L.SR, device=x.device, dtype=torch.float32)
-    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    sx, sa, sb = x.stride(), lora_a.stride(), lora_b.stride()
+    h = torch.empty(M, L.SR, device=device, dtype=torch.float32)
+    y = torch.empty(M, N, device=device, dtype=x.dtype)
     cfg = L.shrink
     _lora_shrink_kernel[L.shrink_grid](
         x, lora_a, h, seed,
         M, K, R, L.S, adapted, L.threshold, L.keep,
-        sx[0], sx[1], sa[0], sa[1],
+        sxm, sxk, sam, sak,
         HAS_DROPOUT=p > 0.0, SR_PAD=L.srp, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k,
         DOT_PRECISION=L.precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     cfg = L.forward
-    sw = weight.stride()
     _lora_forward_kernel[L.forward_grid](
         x, weight, bias if bias is not None else x, h, lora_b, y,
         M, N, K, R, L.SR, L.bound1, L.bound2, scale,
-        sx[0], sx[1], sw[0], sw[1], sb[0], sb[1], N, 1,
+        sxm, sxk, swn, swk, sbn, sbr, N, 1,
         HAS_BIAS=bias is not None, SR_PAD=L.srp, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, DOT_PRECISION=L.precision,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -585,18 +597,26 @@ def _triton_backward(dy, x, weight, h, lora_a, lora_b, seed, slot_bounds, adapte
         from .split_backward import triton_backward_split
 
         return triton_backward_split(dy, x, weight, h, lora_a, lora_b, seed, slot_bounds, adapted, scale, p)
-    M, K = x.shape
-    N, R = weight.shape[0], lora_b.shape[1]
     if L is None:
-        L = _launch(M, K, N, R, tuple(slot_bounds), x.dtype, p)
-    if not (L.int32_ok and x.is_contiguous() and weight.is_contiguous() and lora_a.is_contiguous()
-            and lora_b.is_contiguous()):  # fmt: skip
+        L = _launch(x.shape[0], x.shape[1], weight.shape[0], lora_b.shape[1], tuple(slot_bounds), x.dtype, p)
+    M, K, N, R = L.shape
+    if (
+        L.int32_ok and dy.is_contiguous() and x.is_contiguous() and weight.is_contiguous()
+        and lora_a.is_contiguous() and lora_b.is_contiguous()
+    ):  # fmt: skip
+        sdym = N
+        sxm = swn = sam = K
+        sbn = R
+        sdyn = sxk = swk = sak = sbr = 1
+    else:
         x, weight, lora_a, lora_b = _operands(x, weight, lora_a, lora_b)
-    if not dy.is_contiguous():  # (_addressable returns a contiguous tensor as it is)
         dy = _addressable(dy)
+        (sdym, sdyn), (sxm, sxk), (swn, swk) = dy.stride(), x.stride(), weight.stride()
+        (sam, sak), (sbn, sbr) = lora_a.stride(), lora_b.stride()
     if not h.is_contiguous():  # read with row stride S·R
         h = h.contiguous()
-    dx = torch.empty(M, K, device=x.device, dtype=x.dtype)
+    device = x.device
+    dx = torch.empty(M, K, device=device, dtype=x.dtype)
     # Partials, reduced below by ONE torch.sum in a fixed order (deterministic): row
     # pid_m holds that row tile's dA [S·R, K] and then its dB [N, R]; small
     # (M/BLOCK_M × (S·R·K + N·R) fp32).  The kernel writes every element, except with
@@ -606,21 +626,20 @@ def _triton_backward(dy, x, weight, h, lora_a, lora_b, seed, slot_bounds, adapte
     srk = L.SR * K
     width = srk + N * R
     alloc = torch.zeros if p > 0.0 and adapted != (1 << L.S) - 1 else torch.empty
-    part = alloc(L.backward_rows, width, device=x.device, dtype=torch.float32)
-    sdy, sw, sx, sa, sb = dy.stride(), weight.stride(), x.stride(), lora_a.stride(), lora_b.stride()
+    part = alloc(L.backward_rows, width, device=device, dtype=torch.float32)
     cfg = L.backward
     _lora_backward_kernel[L.backward_grid](
         dy, weight, x, h, lora_a, lora_b, seed, dx, part,
         M, N, K, R, L.S, adapted, L.bound1, L.bound2, scale, L.threshold, L.keep,
-        sdy[0], sdy[1], sw[0], sw[1], sx[0], sx[1], sa[0], sa[1], sb[0], sb[1], K, 1, width,
+        sdym, sdyn, swn, swk, sxm, sxk, sam, sak, sbn, sbr, K, 1, width,
         HAS_DROPOUT=p > 0.0, SR_PAD=L.srp, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, DOT_PRECISION=L.precision,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     total = part.sum(0)
     # Views of the one reduction (as_strided: one call each instead of slice + view).
-    da = total.as_strided((L.SR, K), (K, 1), 0)
-    db = total.as_strided((N, R), (R, 1), srk)
+    da = total.as_strided(L.da_size, L.da_stride, 0)
+    db = total.as_strided(L.db_size, L.db_stride, srk)
     if da.dtype != lora_a.dtype:
         da = da.to(lora_a.dtype)
     if db.dtype != lora_b.dtype:
