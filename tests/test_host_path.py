@@ -112,9 +112,10 @@ def test_three_dim_input_and_module_shape():
 
 @pytest.mark.parametrize("p", [0.0, 0.25])
 def test_backward_writes_every_partial(monkeypatch, p):
-    """The backward's partials, H, Y and dX come from torch.empty: poisoned with NaN, a
-    single element the kernels forget shows up in the result.  Through the packed entry,
-    so the absent slot's rows of the packed gradients are visible too: exactly zero."""
+    """The backward's partials, H, Y and dX come from torch.empty and Tensor.new_empty:
+    poisoned with NaN, a single element the kernels forget shows up in the result.
+    Through the packed entry, so the absent slot's rows of the packed gradients are
+    visible too: exactly zero."""
     sizes, R = SIZES, 3
     x, w, b, a, bb, dy = _inputs(sizes=sizes, R=R, absent=(1,))
     a_cat = torch.cat([a[0].detach(), torch.zeros(R, x.shape[1]), a[2].detach()]).requires_grad_(True)
@@ -123,15 +124,20 @@ def test_backward_writes_every_partial(monkeypatch, p):
     args = dict(lora_a=a_cat, lora_b=b_cat, layout=layout, scale=0.7, dropout_p=p, seed=3)
     leaves = [x, a_cat, b_cat]
     want = _grads(lora_linear_packed(x, w, b, backend="torch", **args), dy, leaves)
-    real_empty = torch.empty
+    real_empty, real_new_empty = torch.empty, torch.Tensor.new_empty
+    allocated = []
 
-    def poisoned(*size, **kw):
-        t = real_empty(*size, **kw)
+    def poison(t):
+        allocated.append(t.shape)
         return t.fill_(float("nan")) if t.is_floating_point() else t
 
-    monkeypatch.setattr(torch, "empty", poisoned)
+    monkeypatch.setattr(torch, "empty", lambda *size, **kw: poison(real_empty(*size, **kw)))
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *size, **kw: poison(real_new_empty(self, *size, **kw)))
     got = _grads(lora_linear_packed(x, w, b, backend="triton", **args), dy, leaves)
     monkeypatch.undo()
+    M, K, N = x.shape[0], x.shape[1], sum(sizes)
+    # H, Y, dX and (without dropout) the partials were poisoned, whichever way they were allocated.
+    assert {(M, 3 * R), (M, N), (M, K)} <= set(allocated) and len(allocated) >= 3 + (p == 0.0)
     assert not got[2][R : 2 * R].any() and not got[3][sizes[0] : sizes[0] + sizes[1]].any()
     for g, r in zip(got, want, strict=True):
         assert torch.isfinite(g).all()
