@@ -1169,8 +1169,8 @@ def _lora_linear_core(x, weight, bias, a_cat, b_cat, seed, bounds, adapted, scal
     if dropout_p > 0.0 and seed is None:
         raise ValueError("seed is required when dropout_p > 0: pass an int or lora_kernels.draw_seed(device)")
     device = x.device
-    # x.is_cuda first: reading device.type builds a new string (~0.4 µs a call).
-    if torch.is_autocast_enabled("cuda" if x.is_cuda else device.type):
+    # is_cpu/is_cuda first: reading device.type builds a new string (~0.4 µs a call).
+    if torch.is_autocast_enabled("cpu" if x.is_cpu else "cuda" if x.is_cuda else device.type):
         # Same policy as autocast's F.linear: the frozen projection runs in the autocast
         # dtype; the adapters stay fp32 masters and are cast inside the kernels.
         dtype = torch.get_autocast_dtype(device.type)
@@ -1204,7 +1204,7 @@ def _lora_linear_core(x, weight, bias, a_cat, b_cat, seed, bounds, adapted, scal
     else:
         # The launch constants, looked up once for the forward and the backward.
         L = _launch(x2.shape[0], K, N, b_cat.shape[1], bounds, x.dtype, dropout_p) if use_triton else None
-        launch = (bounds, adapted, float(scale), dropout_p, L)
+        launch = (bounds, adapted, scale, dropout_p, L)  # both entry points made scale a float
         y = _LoRALinearFunction.apply(x2, weight, bias, a_cat, b_cat, seed, launch)
     return y if two_d else y.reshape(*x.shape[:-1], N)
 
