@@ -1164,13 +1164,22 @@ def _check_frozen(weight, bias) -> None:
         )
 
 
+_is_compiling = torch.compiler.is_compiling  # bound once: the attribute chain costs per call
+# False when no autocast is active on any device; private, so a torch without it always asks.
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
 def _lora_linear_core(x, weight, bias, a_cat, b_cat, seed, bounds, adapted, scale, dropout_p, backend):
     """Everything after validation, shared by :func:`lora_linear` and :func:`lora_linear_packed`."""
     if dropout_p > 0.0 and seed is None:
         raise ValueError("seed is required when dropout_p > 0: pass an int or lora_kernels.draw_seed(device)")
     device = x.device
-    # is_cpu/is_cuda first: reading device.type builds a new string (~0.4 µs a call).
-    if torch.is_autocast_enabled("cpu" if x.is_cpu else "cuda" if x.is_cuda else device.type):
+    traced = _is_compiling()
+    # Eager calls ask per device only when some autocast is on (one C call otherwise),
+    # and name the device without reading device.type, which builds a new string.
+    if (traced or _any_autocast()) and torch.is_autocast_enabled(
+        "cpu" if x.is_cpu else "cuda" if x.is_cuda else device.type
+    ):
         # Same policy as autocast's F.linear: the frozen projection runs in the autocast
         # dtype; the adapters stay fp32 masters and are cast inside the kernels.
         dtype = torch.get_autocast_dtype(device.type)
@@ -1197,7 +1206,7 @@ def _lora_linear_core(x, weight, bias, a_cat, b_cat, seed, bounds, adapted, scal
     # explicit strides, but x must be viewable as [M, K].
     two_d = x.dim() == 2
     x2 = x if two_d else x.reshape(-1, K)
-    if torch.compiler.is_compiling() or EAGER_VIA_CUSTOM_OP:
+    if traced or EAGER_VIA_CUSTOM_OP:
         y, _h = lora_linear_fwd(
             x2, weight, bias, a_cat, b_cat, seed, list(bounds), adapted, float(scale), dropout_p, use_triton
         )
