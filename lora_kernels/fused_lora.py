@@ -555,10 +555,9 @@ def _triton_forward(x, weight, bias, lora_a, lora_b, seed, slot_bounds, adapted,
         (sxm, sxk), (swn, swk), (sam, sak), (sbn, sbr) = x.stride(), weight.stride(), lora_a.stride(), lora_b.stride()
     # The bias is read with unit stride; it is N values, so a copy costs nothing.
     bias = bias.contiguous() if bias is not None else None
-    device = x.device
-    # Sizes as separate arguments (a size tuple is parsed ~0.5 µs slower), and new_empty
-    # where x's dtype and device serve (no keyword parsing).
-    h = torch.empty(M, L.SR, device=device, dtype=torch.float32)
+    # new_empty with the sizes as separate arguments: no device to parse, and a size
+    # tuple is parsed ~0.5 µs slower.
+    h = x.new_empty(M, L.SR, dtype=torch.float32)
     y = x.new_empty(M, N)
     cfg = L.shrink
     _lora_shrink_kernel[L.shrink_grid](
@@ -616,7 +615,6 @@ def _triton_backward(dy, x, weight, h, lora_a, lora_b, seed, slot_bounds, adapte
         (sam, sak), (sbn, sbr) = lora_a.stride(), lora_b.stride()
     if not h.is_contiguous():  # read with row stride S·R
         h = h.contiguous()
-    device = x.device
     dx = x.new_empty(M, K)
     # Partials, reduced below by ONE torch.sum in a fixed order (deterministic): row
     # pid_m holds that row tile's dA [S·R, K] and then its dB [N, R]; small
@@ -626,8 +624,9 @@ def _triton_backward(dy, x, weight, h, lora_a, lora_b, seed, slot_bounds, adapte
     # leaving it at 255 with no headroom; bench/NOTES.md section 2.)
     srk = L.SR * K
     width = srk + N * R
-    alloc = torch.zeros if p > 0.0 and adapted != (1 << L.S) - 1 else torch.empty
-    part = alloc(L.backward_rows, width, device=device, dtype=torch.float32)
+    # From h (fp32, on the device): no dtype or device arguments to parse.
+    alloc = h.new_zeros if p > 0.0 and adapted != (1 << L.S) - 1 else h.new_empty
+    part = alloc(L.backward_rows, width)
     cfg = L.backward
     _lora_backward_kernel[L.backward_grid](
         dy, weight, x, h, lora_a, lora_b, seed, dx, part,
