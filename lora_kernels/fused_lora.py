@@ -739,9 +739,10 @@ class _LoRALinearFunction(torch.autograd.Function):
     opaque node with a fake implementation, no graph break), but in eager mode the
     op's dispatch and ``register_autograd`` wrapper cost more host time per call than
     everything else the layer does (``python -m bench.host_path``, CPU, kernels
-    stubbed: one fused forward+backward takes 199 µs through the op and 93 µs through
-    this Function, against 36 µs for ``F.linear``; bench/NOTES.md section 7).  On a GPU the
-    projections take tens of microseconds, so eager training would be host-bound.
+    stubbed: one fused forward+backward takes 178 µs through the op and 69 µs through
+    this Function, against 37 µs for ``F.linear``;
+    bench/results/cpu-host-path-2026-11-26b.json, bench/NOTES.md section 7).  On a GPU
+    the projections take tens of microseconds, so eager training would be host-bound.
     Eager calls therefore come here; traced calls take the op (see
     :func:`_lora_linear_core`).  Both run the very same ``_triton_*``/``_torch_*``
     functions, so they agree bit for bit (tested).
@@ -752,6 +753,20 @@ class _LoRALinearFunction(torch.autograd.Function):
     graphs: on an H100 the compiled ViT-B/16 ImageNet step took 0.48 of the eager one
     (bench/results/NVIDIA-H100-80GB-HBM3-20261126).  What Inductor would gain from
     seeing the kernels themselves is not measured, so the simpler op stays.
+
+    Where the eager call's host time goes (this 2-core CPU, kernels stubbed, timed in
+    place over 20k calls).  Before the host-path pass: 92 µs against 35 µs for
+    ``F.linear`` (2.6×), ~48 µs over an empty Function with the same tensors: per-call
+    checks ~8, ``_lora_linear_core`` ~6 (``device.type`` for the autocast query,
+    ``is_compiling``), the Triton host functions ~26 (stride tuples, ``_operands``, a
+    second ``_launch`` in the backward, size tuples to ``torch.empty``,
+    once_differentiable's no_grad block), the seed draw ~2.5.  Now ~30 µs over it (1.9
+    to 2.1× ``F.linear`` over repeated runs; the run-to-run spread is ±0.1): checks ~5
+    (one expression; :func:`_check_packed` only on failure), core ~4, forward ~12 and
+    backward ~16, most of it torch calls no host path avoids (four allocations, the
+    partials' sum 4, its two views 3, three kernel-call argument lists ~2.5 each).  A
+    Function making only those torch calls, with no checks and no launches, takes
+    ~50 µs: the Python left is ~20 µs.
     """
 
     @staticmethod
