@@ -23,6 +23,8 @@
 #                Second session (H200, 2026-11-26): start ~30 s; stage 1 ~125 s on a cold
 #                machine (its limit is now 180 s), 34 s warm; 2, 2h, 3, 3o, 4b took 64, 32,
 #                58, 106, 177 s (bench/NOTES.md section 10.1).
+#   next session (bench/NOTES.md 10.7): --stages 1,2,3t --budget 560 (the gate, the layer
+#                with the split backward's A/B, the interleaved 11-dataset step table)
 #   later call, for the parts a first run had no time for:
 #                run(command="bash bench/gpu_session.sh --stages 4b,4c,4d,4e", carry=[".whl"], timeout_s=600)
 #   the step table alone (stage 3t, ~220 s expected, after the gate; in a full run it comes
