@@ -360,3 +360,19 @@ def test_the_split_provider_runs_the_split_backward():
     with backward_impl("fused"):
         assert fused_lora.BACKWARD_IMPL == "fused"
     assert fused_lora.BACKWARD_IMPL == before
+
+
+def test_host_path_across_processes(tmp_path, capsys):
+    """--processes N measures in N fresh processes and reports each headline and the median."""
+    from bench import host_path
+
+    out = tmp_path / "host.json"
+    host_path.main(["--rounds", "1", "--processes", "2", "--json", str(out)])
+    data = json.loads(out.read_text())
+    per = data["headline_per_process"]
+    assert data["processes"] == 2 and len(per) == 2 and len(data["runs"]) == 2
+    assert all(r > 0 for r in per) and min(per) <= data["headline_median"] <= max(per)
+    assert set(data["median_min_us"]) == set(host_path.PROVIDERS)
+    assert "median of 2 processes" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        host_path.main(["--processes", "0"])
