@@ -596,7 +596,7 @@ def _triton_backward(dy, x, weight, h, lora_a, lora_b, seed, slot_bounds, adapte
             raise ValueError(f"fused_lora.BACKWARD_IMPL must be one of {BACKWARD_IMPLS}, got {BACKWARD_IMPL!r}")
         from .split_backward import triton_backward_split
 
-        return triton_backward_split(dy, x, weight, h, lora_a, lora_b, seed, slot_bounds, adapted, scale, p)
+        return triton_backward_split(dy, x, weight, h, lora_a, lora_b, seed, slot_bounds, adapted, scale, p, L)
     if L is None:
         L = _launch(x.shape[0], x.shape[1], weight.shape[0], lora_b.shape[1], tuple(slot_bounds), x.dtype, p)
     M, K, N, R = L.shape
@@ -636,15 +636,22 @@ def _triton_backward(dy, x, weight, h, lora_a, lora_b, seed, slot_bounds, adapte
         BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, DOT_PRECISION=L.precision,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    da, db = _grads_from_partials(part, L, lora_a, lora_b)
+    return dx, da, db
+
+
+def _grads_from_partials(part, L, lora_a, lora_b):
+    """dA and dB from the backward's partials (row tile i: its dA [S·R, K], then its dB
+    [N, R]): ONE torch.sum in a fixed order (deterministic), then views of it
+    (as_strided: one call each instead of slice + view), in the adapters' dtypes."""
     total = part.sum(0)
-    # Views of the one reduction (as_strided: one call each instead of slice + view).
     da = total.as_strided(L.da_size, L.da_stride, 0)
-    db = total.as_strided(L.db_size, L.db_stride, srk)
+    db = total.as_strided(L.db_size, L.db_stride, L.da_size[0] * L.da_size[1])
     if da.dtype != lora_a.dtype:
         da = da.to(lora_a.dtype)
     if db.dtype != lora_b.dtype:
         db = db.to(lora_b.dtype)
-    return dx, da, db
+    return da, db
 
 
 # =============================================================================

@@ -168,19 +168,20 @@ def split_config(kernel: str, dtype: torch.dtype, srp: int) -> ll.TileConfig:
     return _CONFIGS[kernel, dtype != torch.float32, srp]
 
 
-def triton_backward_split(dy, x, weight, h, lora_a, lora_b, seed, slot_bounds, adapted, scale, p):
-    """dX, dA, dB as ``fused_lora._triton_backward`` returns them, in three passes."""
-    M, K = x.shape
-    N, R = weight.shape[0], lora_b.shape[1]
-    L = ll._launch(M, K, N, R, tuple(slot_bounds), x.dtype, p)
+def triton_backward_split(dy, x, weight, h, lora_a, lora_b, seed, slot_bounds, adapted, scale, p, L=None):
+    """dX, dA, dB as ``fused_lora._triton_backward`` returns them, in three passes.
+
+    ``L``: the call's ``fused_lora._launch``, when the caller has already looked it up."""
+    if L is None:
+        L = ll._launch(x.shape[0], x.shape[1], weight.shape[0], lora_b.shape[1], tuple(slot_bounds), x.dtype, p)
+    M, K, N, R = L.shape
     dy_cfg, dx_cfg = (split_config(k, x.dtype, L.srp) for k in SPLIT_KERNELS)
     x, weight, lora_a, lora_b = ll._operands(x, weight, lora_a, lora_b)
     dy = ll._addressable(dy)
     h = h.contiguous()  # read with row stride S·R
     dx = torch.mm(dy, weight)  # [M, K], contiguous: the X pass adds the LoRA term in place
     rows = ll._cdiv(M, dy_cfg.block_m)  # == dx_cfg.block_m
-    srk = L.SR * K
-    width = srk + N * R
+    width = L.SR * K + N * R  # a partials row: dA [S·R, K], then dB [N, R]
     # Every partial is written except, with dropout, an absent slot's dA rows.
     alloc = torch.zeros if p > 0.0 and adapted != (1 << L.S) - 1 else torch.empty
     part = alloc((rows, width), device=x.device, dtype=torch.float32)
@@ -202,11 +203,5 @@ def triton_backward_split(dy, x, weight, h, lora_a, lora_b, seed, slot_bounds, a
         GROUP_M=dx_cfg.group_m, DOT_PRECISION=L.precision,
         num_warps=dx_cfg.num_warps, num_stages=dx_cfg.num_stages,
     )  # fmt: skip
-    total = part.sum(0)
-    da = total.as_strided((L.SR, K), (K, 1), 0)
-    db = total.as_strided((N, R), (R, 1), srk)
-    if da.dtype != lora_a.dtype:
-        da = da.to(lora_a.dtype)
-    if db.dtype != lora_b.dtype:
-        db = db.to(lora_b.dtype)
+    da, db = ll._grads_from_partials(part, L, lora_a, lora_b)
     return dx, da, db
