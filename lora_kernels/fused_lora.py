@@ -585,15 +585,18 @@ def _triton_forward(x, weight, bias, lora_a, lora_b, seed, slot_bounds, adapted,
 # (bench/NOTES.md section 10.3: the one-pass kernel took 9× cuBLAS's dY·W on an H200).
 BACKWARD_IMPLS = ("fused", "split")
 BACKWARD_ENV = "CLIP_LORA_BACKWARD"
+# Checked where it is used (the first Triton backward), not here: a bad value at import
+# would be a traceback out of `import clip_lora`, before any CLI could report it in a line.
 BACKWARD_IMPL = os.environ.get(BACKWARD_ENV, "fused")
-if BACKWARD_IMPL not in BACKWARD_IMPLS:
-    raise ValueError(f"${BACKWARD_ENV} must be one of {BACKWARD_IMPLS}, got {BACKWARD_IMPL!r}")
 
 
 def _triton_backward(dy, x, weight, h, lora_a, lora_b, seed, slot_bounds, adapted, scale, p, L=None):
     if BACKWARD_IMPL != "fused":
         if BACKWARD_IMPL != "split":
-            raise ValueError(f"fused_lora.BACKWARD_IMPL must be one of {BACKWARD_IMPLS}, got {BACKWARD_IMPL!r}")
+            raise ValueError(
+                f"fused_lora.BACKWARD_IMPL must be one of {BACKWARD_IMPLS}, got {BACKWARD_IMPL!r}; "
+                f"set ${BACKWARD_ENV} to fused or split, or unset it"
+            )
         from .split_backward import triton_backward_split
 
         return triton_backward_split(dy, x, weight, h, lora_a, lora_b, seed, slot_bounds, adapted, scale, p, L)

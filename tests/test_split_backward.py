@@ -132,9 +132,21 @@ def test_the_environment_selects_the_backward_at_import():
     env = {**os.environ, fused_lora.BACKWARD_ENV: "split"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "split"
-    env[fused_lora.BACKWARD_ENV] = "fast"
+    # A bad value does not break the import (a CLI must be able to report it in one
+    # line); the first Triton backward refuses it, naming the variable and the fix.
+    env.update({fused_lora.BACKWARD_ENV: "fast", "TRITON_INTERPRET": "1"})
+    code += (
+        "\nimport torch\nfrom lora_kernels import lora_linear_packed, slot_layout"
+        "\nx = torch.randn(4, 8, requires_grad=True); lay = slot_layout(8, [8], 2)"
+        "\na = torch.randn(2, 8, requires_grad=True); b = torch.randn(8, 2, requires_grad=True)"
+        "\ny = lora_linear_packed(x, torch.randn(8, 8), lora_a=a, lora_b=b, layout=lay, scale=1.0, backend='triton')"
+        "\ny.sum().backward()"
+    )
     bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert bad.returncode != 0 and "$CLIP_LORA_BACKWARD must be one of ('fused', 'split'), got 'fast'" in bad.stderr
+    assert bad.stdout.startswith("fast")
+    assert bad.returncode != 0
+    assert "BACKWARD_IMPL must be one of ('fused', 'split'), got 'fast'" in bad.stderr
+    assert "set $CLIP_LORA_BACKWARD to fused or split, or unset it" in bad.stderr
 
 
 def test_every_padded_width_has_a_configuration():
