@@ -416,8 +416,9 @@ def render(context: dict, groups: dict[str, dict[str, Row]]) -> str:
                 f"## Layer host path: {group}",
                 "",
                 f"Host time of one q/k/v projection's forward+backward {what} (`bench/host_path.py`): minimum "
-                "per layer over the rounds, ÷ its floor (`F.linear`, `nn.Linear`, or the `F.linear` chain), "
-                "same run. Target (issue 13): fused packed ÷ `F.linear` <= 2.",
+                "per layer over the rounds, ÷ its floor (`F.linear`, `nn.Linear`, the `F.linear` chain, or "
+                "`F.linear 3-D` for the rows with [batch, tokens, K] activations), same run. "
+                "Target (issue 13): fused packed ÷ `F.linear` <= 2.",
                 "",
             ]
             lines += _table(["provider", "µs per layer (min)", "÷ floor"], host)

@@ -538,10 +538,13 @@ def _launch(M: int, K: int, N: int, R: int, slot_bounds: tuple[int, ...], dtype:
 def _triton_forward(x, weight, bias, lora_a, lora_b, seed, slot_bounds, adapted, scale, p, L=None):
     """Launches the shrink and the GEMM; ``seed`` is a 0-d int64 tensor (unread without dropout).
 
-    ``L``: the call's :func:`_launch`, when the caller has already looked it up."""
+    ``x`` is [M, K], or any contiguous [..., K] (its rows read in place; Y comes back in
+    its leading shape).  ``L``: the call's :func:`_launch`, when the caller has already
+    looked it up."""
     if L is None:
         L = _launch(x.shape[0], x.shape[1], weight.shape[0], lora_b.shape[1], tuple(slot_bounds), x.dtype, p)
     M, K, N, R = L.shape
+    y_shape = None if x.dim() == 2 else (*x.shape[:-1], N)
     if (
         L.int32_ok and x.is_contiguous() and weight.is_contiguous() and lora_a.is_contiguous()
         and lora_b.is_contiguous()
@@ -551,14 +554,14 @@ def _triton_forward(x, weight, bias, lora_a, lora_b, seed, slot_bounds, adapted,
         sbn = R
         sxk = swk = sak = sbr = 1
     else:
-        x, weight, lora_a, lora_b = _operands(x, weight, lora_a, lora_b)
+        x, weight, lora_a, lora_b = _operands(x if y_shape is None else x.view(M, K), weight, lora_a, lora_b)
         (sxm, sxk), (swn, swk), (sam, sak), (sbn, sbr) = x.stride(), weight.stride(), lora_a.stride(), lora_b.stride()
     # The bias is read with unit stride; it is N values, so a copy costs nothing.
     bias = bias.contiguous() if bias is not None else None
     # new_empty with the sizes as separate arguments: no device to parse, and a size
     # tuple is parsed ~0.5 µs slower.
     h = x.new_empty(M, L.SR, dtype=torch.float32)
-    y = x.new_empty(M, N)
+    y = x.new_empty(M, N) if y_shape is None else x.new_empty(y_shape)
     cfg = L.shrink
     _lora_shrink_kernel[L.shrink_grid](
         x, lora_a, h, seed,
@@ -590,7 +593,8 @@ BACKWARD_ENV = "CLIP_LORA_BACKWARD"
 BACKWARD_IMPL = os.environ.get(BACKWARD_ENV, "fused")
 
 
-def _triton_backward(dy, x, weight, h, lora_a, lora_b, seed, slot_bounds, adapted, scale, p, L=None):
+def _triton_backward(dy, x, weight, h, lora_a, lora_b, seed, slot_bounds, adapted, scale, p, L=None, flat=False):
+    """dX, dA, dB (``flat``: dX, the flat [dA | dB] gradient, None; see :func:`_grads_from_partials`)."""
     if BACKWARD_IMPL != "fused":
         if BACKWARD_IMPL != "split":
             raise ValueError(
@@ -599,10 +603,11 @@ def _triton_backward(dy, x, weight, h, lora_a, lora_b, seed, slot_bounds, adapte
             )
         from .split_backward import triton_backward_split
 
-        return triton_backward_split(dy, x, weight, h, lora_a, lora_b, seed, slot_bounds, adapted, scale, p, L)
+        return triton_backward_split(dy, x, weight, h, lora_a, lora_b, seed, slot_bounds, adapted, scale, p, L, flat)
     if L is None:
         L = _launch(x.shape[0], x.shape[1], weight.shape[0], lora_b.shape[1], tuple(slot_bounds), x.dtype, p)
     M, K, N, R = L.shape
+    x_shape = None if x.dim() == 2 else x.shape  # a contiguous [..., K] x (see _triton_forward)
     if (
         L.int32_ok and dy.is_contiguous() and x.is_contiguous() and weight.is_contiguous()
         and lora_a.is_contiguous() and lora_b.is_contiguous()
@@ -612,13 +617,15 @@ def _triton_backward(dy, x, weight, h, lora_a, lora_b, seed, slot_bounds, adapte
         sbn = R
         sdyn = sxk = swk = sak = sbr = 1
     else:
+        if x_shape is not None:
+            x, dy = x.view(M, K), dy.reshape(M, N)
         x, weight, lora_a, lora_b = _operands(x, weight, lora_a, lora_b)
         dy = _addressable(dy)
         (sdym, sdyn), (sxm, sxk), (swn, swk) = dy.stride(), x.stride(), weight.stride()
         (sam, sak), (sbn, sbr) = lora_a.stride(), lora_b.stride()
     if not h.is_contiguous():  # read with row stride S·R
         h = h.contiguous()
-    dx = x.new_empty(M, K)
+    dx = x.new_empty(M, K) if x_shape is None else x.new_empty(x_shape)
     # Partials, reduced below by ONE torch.sum in a fixed order (deterministic): row
     # pid_m holds that row tile's dA [S·R, K] and then its dB [N, R]; small
     # (M/BLOCK_M × (S·R·K + N·R) fp32).  The kernel writes every element, except with
@@ -639,15 +646,20 @@ def _triton_backward(dy, x, weight, h, lora_a, lora_b, seed, slot_bounds, adapte
         BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, DOT_PRECISION=L.precision,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    da, db = _grads_from_partials(part, L, lora_a, lora_b)
+    da, db = _grads_from_partials(part, L, lora_a, lora_b, flat)
     return dx, da, db
 
 
-def _grads_from_partials(part, L, lora_a, lora_b):
+def _grads_from_partials(part, L, lora_a, lora_b, flat=False):
     """dA and dB from the backward's partials (row tile i: its dA [S·R, K], then its dB
     [N, R]): ONE torch.sum in a fixed order (deterministic), then views of it
-    (as_strided: one call each instead of slice + view), in the adapters' dtypes."""
+    (as_strided: one call each instead of slice + view), in the adapters' dtypes.
+
+    ``flat``: the adapters are one flat tensor ``[A_cat | B_cat]`` (see
+    :func:`lora_linear_packed`), whose gradient is the sum itself: returns (it, None)."""
     total = part.sum(0)
+    if flat:
+        return (total if total.dtype == lora_a.dtype else total.to(lora_a.dtype)), None
     da = total.as_strided(L.da_size, L.da_stride, 0)
     db = total.as_strided(L.db_size, L.db_stride, L.da_size[0] * L.da_size[1])
     if da.dtype != lora_a.dtype:
@@ -655,6 +667,17 @@ def _grads_from_partials(part, L, lora_a, lora_b):
     if db.dtype != lora_b.dtype:
         db = db.to(lora_b.dtype)
     return da, db
+
+
+def _flat_views(ab, shapes):
+    """A_cat and B_cat as views of the flat ``[A_cat | B_cat]`` tensor ``ab`` (1-D, any
+    stride); ``shapes`` is ``(A_cat's shape, B_cat's shape)``."""
+    (a_rows, k), (n, r) = shapes
+    st, off = ab.stride(0), ab.storage_offset()
+    return (
+        ab.as_strided((a_rows, k), (k * st, st), off),
+        ab.as_strided((n, r), (r * st, st), off + a_rows * k * st),
+    )
 
 
 # =============================================================================
@@ -781,8 +804,13 @@ class _LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, seed, launch):
-        # launch: (slot_bounds, adapted, scale, p, L), L the _Launch for Triton, None for torch
-        slot_bounds, adapted, scale, p, L = launch
+        # launch: (slot_bounds, adapted, scale, p, L, flat): L the _Launch for Triton, None
+        # for torch; flat the shapes of A_cat and B_cat when lora_a is the flat [A | B]
+        # tensor (lora_b None), else None.  Views made here, in no-grad mode, are plain
+        # tensors: no view node joins the graph, and the flat tensor stays ONE leaf.
+        slot_bounds, adapted, scale, p, L, flat = launch
+        if flat is not None:
+            lora_a, lora_b = _flat_views(lora_a, flat)
         if L is not None:
             y, h = _triton_forward(x, weight, bias, lora_a, lora_b, seed, slot_bounds, adapted, scale, p, L)
         else:
@@ -800,15 +828,18 @@ class _LoRALinearFunction(torch.autograd.Function):
             # once_differentiable's no_grad block would only cost host time.
             return _once_differentiable_backward(ctx, dy)
         x, weight, h, lora_a, lora_b, seed = ctx.saved_tensors
-        slot_bounds, adapted, scale, p, L = ctx.launch
+        slot_bounds, adapted, scale, p, L, flat = ctx.launch
         if L is not None:
+            # flat: one reduction output is the whole [dA | dB] gradient (no views, one leaf)
             dx, da, db = _triton_backward(
-                dy.contiguous(), x, weight, h, lora_a, lora_b, seed, slot_bounds, adapted, scale, p, L
+                dy.contiguous(), x, weight, h, lora_a, lora_b, seed, slot_bounds, adapted, scale, p, L, flat is not None
             )
         else:
             dx, da, db = _torch_backward(
                 dy.contiguous(), x, weight, h, lora_a, lora_b, seed, slot_bounds, adapted, scale, p
             )
+            if flat is not None:
+                da, db = torch.cat([da.reshape(-1), db.reshape(-1)]), None
         return dx, None, None, da, db, None, None
 
 
@@ -1044,15 +1075,23 @@ class SlotLayout:
     a_shape: tuple[int, int] = field(init=False, repr=False, compare=False)
     b_shape: tuple[int, int] = field(init=False, repr=False, compare=False)
     bias_shape: tuple[int] = field(init=False, repr=False, compare=False)
+    # The flat [A_cat | B_cat] form (lora_linear_packed's lora_ab): its shape, and the
+    # shapes of the two views the kernels read.
+    ab_shape: tuple[int] = field(init=False, repr=False, compare=False)
+    flat_shapes: tuple[tuple[int, int], tuple[int, int]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         n = self.bounds[-1]
+        a_shape = (len(self.slot_sizes) * self.rank, self.in_features)
+        b_shape = (n, self.rank)
         derived = dict(
             out_features=n,
             weight_shape=(n, self.in_features),
-            a_shape=(len(self.slot_sizes) * self.rank, self.in_features),
-            b_shape=(n, self.rank),
+            a_shape=a_shape,
+            b_shape=b_shape,
             bias_shape=(n,),
+            ab_shape=(a_shape[0] * a_shape[1] + n * self.rank,),
+            flat_shapes=(a_shape, b_shape),
         )
         for name, value in derived.items():
             object.__setattr__(self, name, value)
@@ -1096,8 +1135,9 @@ def lora_linear_packed(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
+    lora_a: torch.Tensor | None = None,
+    lora_b: torch.Tensor | None = None,
+    lora_ab: torch.Tensor | None = None,
     layout: SlotLayout,
     scale: float,
     dropout_p: float = 0.0,
@@ -1109,9 +1149,13 @@ def lora_linear_packed(
     ``lora_a`` is ``A_cat [S·r, K]`` (slot s in rows ``s·r … s·r+r``) and ``lora_b`` is
     ``B_cat [N, r]`` (slot s in its output rows), kept packed between steps (e.g. as one
     Parameter each), so a call concatenates nothing and autograd has two adapter leaves,
-    not 2·S.  The layout was checked once by :func:`slot_layout`; each call checks only
-    what can change between calls: shapes, dtypes and devices of the tensors.  Other
-    arguments as in :func:`lora_linear`.
+    not 2·S.  Or, instead of both, ``lora_ab``: ONE 1-D tensor of ``layout.ab_shape``,
+    A_cat's elements (row-major) followed by B_cat's.  Then autograd has one adapter leaf,
+    and its gradient is the backward's reduction output as it stands (no views, one
+    AccumulateGrad fewer: the lightest host path, ``python -m bench.host_path``).  The
+    layout was checked once by :func:`slot_layout`; each call checks only what can change
+    between calls: shapes, dtypes and devices of the tensors.  Other arguments as in
+    :func:`lora_linear`.
     """
     if not isinstance(layout, SlotLayout):
         raise TypeError(f"layout must be a SlotLayout from lora_kernels.slot_layout, got {type(layout).__name__}")
@@ -1121,19 +1165,24 @@ def lora_linear_packed(
         device = x.device
         ok = (
             x.is_floating_point() and weight.is_floating_point()
-            and lora_a.is_floating_point() and lora_b.is_floating_point()
             and weight.shape == layout.weight_shape and x.shape[-1] == layout.in_features and x.numel() > 0
-            and lora_a.shape == layout.a_shape and lora_b.shape == layout.b_shape
-            and device == weight.device == lora_a.device == lora_b.device
+            and device == weight.device
             and (
                 bias is None
                 or (bias.is_floating_point() and bias.shape == layout.bias_shape and bias.device == device)
             )
-        )
-    except (AttributeError, IndexError):  # not a tensor, or a 0-d x
+        ) and (
+            lora_a is None and lora_b is None
+            and lora_ab.is_floating_point() and lora_ab.shape == layout.ab_shape and lora_ab.device == device
+            if lora_ab is not None
+            else lora_a.is_floating_point() and lora_b.is_floating_point()
+            and lora_a.shape == layout.a_shape and lora_b.shape == layout.b_shape
+            and lora_a.device == device and lora_b.device == device
+        )  # fmt: skip
+    except (AttributeError, IndexError):  # not a tensor (None included), or a 0-d x
         ok = False
     if not ok:
-        _check_packed(x, weight, bias, lora_a, lora_b, layout)
+        _check_packed(x, weight, bias, lora_a, lora_b, layout, lora_ab)
     if type(scale) is not float or not math.isfinite(scale):
         scale = _check_real("scale", scale)
     if type(dropout_p) is not float:
@@ -1144,15 +1193,25 @@ def lora_linear_packed(
         seed = check_seed(seed)  # anything but what draw_seed returns: converted or refused
     if (weight.requires_grad or (bias is not None and bias.requires_grad)) and torch.is_grad_enabled():
         _check_frozen(weight, bias)
+    if lora_ab is not None:
+        return _lora_linear_core(
+            x, weight, bias, lora_ab, None, seed, layout.bounds, layout.adapted, scale, dropout_p, backend,
+            layout.flat_shapes,
+        )  # fmt: skip
     return _lora_linear_core(
         x, weight, bias, lora_a, lora_b, seed, layout.bounds, layout.adapted, scale, dropout_p, backend
     )
 
 
-def _check_packed(x, weight, bias, lora_a, lora_b, layout: SlotLayout) -> None:
+def _check_packed(x, weight, bias, lora_a, lora_b, layout: SlotLayout, lora_ab=None) -> None:
     """The tensor checks of :func:`lora_linear_packed`, one by one: raises the first failure
     with its own message (returns if all pass, which the fast check makes unreachable)."""
-    for name, t in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
+    if lora_ab is not None and (lora_a is not None or lora_b is not None):
+        raise TypeError("pass the adapters either as lora_a and lora_b or as lora_ab, not both")
+    if lora_ab is None and (lora_a is None or lora_b is None):
+        raise TypeError("lora_linear_packed needs lora_a and lora_b, or lora_ab (the flat [A_cat | B_cat] tensor)")
+    adapters = (("lora_ab", lora_ab),) if lora_ab is not None else (("lora_a", lora_a), ("lora_b", lora_b))
+    for name, t in (("x", x), ("weight", weight), *adapters):
         _check_float(name, t)
     N, K = layout.out_features, layout.in_features
     if weight.shape != (N, K):
@@ -1161,7 +1220,13 @@ def _check_packed(x, weight, bias, lora_a, lora_b, layout: SlotLayout) -> None:
         raise ValueError(f"x must end in the weight's in_features {K}, got shape {tuple(x.shape)}")
     if x.numel() == 0:
         raise ValueError(f"x is empty (shape {tuple(x.shape)})")
-    if lora_a.shape != layout.a_shape or lora_b.shape != layout.b_shape:
+    if lora_ab is not None:
+        if lora_ab.shape != layout.ab_shape:
+            raise ValueError(
+                f"lora_ab must be 1-D with {layout.ab_shape[0]} elements (A_cat {list(layout.a_shape)} then "
+                f"B_cat {list(layout.b_shape)}, row-major), got shape {list(lora_ab.shape)}"
+            )
+    elif lora_a.shape != layout.a_shape or lora_b.shape != layout.b_shape:
         raise ValueError(
             f"packed adapters must be lora_a {list(layout.a_shape)} and lora_b {list(layout.b_shape)}, "
             f"got {list(lora_a.shape)} and {list(lora_b.shape)}"
@@ -1173,11 +1238,9 @@ def _check_packed(x, weight, bias, lora_a, lora_b, layout: SlotLayout) -> None:
             raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
         if bias.device != device:
             raise ValueError(f"all tensors must be on one device, got x on {device} and bias on {bias.device}")
-    if weight.device != device or lora_a.device != device or lora_b.device != device:
-        raise ValueError(
-            f"all tensors must be on one device, got x on {device}, weight on {weight.device}, "
-            f"lora_a on {lora_a.device}, lora_b on {lora_b.device}"
-        )
+    if weight.device != device or any(t.device != device for _, t in adapters):
+        where = ", ".join(f"{name} on {t.device}" for name, t in adapters)
+        raise ValueError(f"all tensors must be on one device, got x on {device}, weight on {weight.device}, {where}")
 
 
 def _check_frozen(weight, bias) -> None:
@@ -1193,8 +1256,11 @@ _is_compiling = torch.compiler.is_compiling  # bound once: the attribute chain c
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
 
-def _lora_linear_core(x, weight, bias, a_cat, b_cat, seed, bounds, adapted, scale, dropout_p, backend):
-    """Everything after validation, shared by :func:`lora_linear` and :func:`lora_linear_packed`."""
+def _lora_linear_core(x, weight, bias, a_cat, b_cat, seed, bounds, adapted, scale, dropout_p, backend, flat=None):
+    """Everything after validation, shared by :func:`lora_linear` and :func:`lora_linear_packed`.
+
+    ``flat``: ``(A_cat's shape, B_cat's shape)`` when ``a_cat`` is the flat [A | B]
+    tensor and ``b_cat`` is None."""
     if dropout_p > 0.0 and seed is None:
         raise ValueError("seed is required when dropout_p > 0: pass an int or lora_kernels.draw_seed(device)")
     device = x.device
@@ -1226,18 +1292,33 @@ def _lora_linear_core(x, weight, bias, a_cat, b_cat, seed, bounds, adapted, scal
         seed = torch.tensor(seed, device=device, dtype=torch.int64)
 
     N, K = weight.shape
-    # The one place where a non-contiguous or 3-D input may be copied: the kernels take
-    # explicit strides, but x must be viewable as [M, K].
     two_d = x.dim() == 2
+    if use_triton and not two_d and not traced and not EAGER_VIA_CUSTOM_OP and x.is_contiguous():
+        # The usual module call ([batch, tokens, K] activations): the kernels read a
+        # contiguous x's rows in place and write Y in its leading shape, so neither side
+        # needs a reshape, which in eager mode is two more ops and two autograd view
+        # nodes per call (python -m bench.host_path, rows "… 3-D").
+        R = b_cat.shape[1] if flat is None else flat[1][1]
+        L = _launch(x.numel() // K, K, N, R, bounds, x.dtype, dropout_p)
+        launch = (bounds, adapted, scale, dropout_p, L, flat)
+        return _LoRALinearFunction.apply(x, weight, bias, a_cat, b_cat, seed, launch)
+    # The one place where a non-contiguous input may be copied: the kernels take
+    # explicit strides, but x must be viewable as [M, K].
     x2 = x if two_d else x.reshape(-1, K)
     if traced or EAGER_VIA_CUSTOM_OP:
+        if flat is not None:
+            # Differentiable views: autograd (or the compiled graph) sums their gradients
+            # into the flat tensor's.
+            n = flat[0][0] * flat[0][1]
+            a_cat, b_cat = a_cat[:n].view(flat[0]), a_cat[n:].view(flat[1])
         y, _h = lora_linear_fwd(
             x2, weight, bias, a_cat, b_cat, seed, list(bounds), adapted, float(scale), dropout_p, use_triton
         )
     else:
         # The launch constants, looked up once for the forward and the backward.
-        L = _launch(x2.shape[0], K, N, b_cat.shape[1], bounds, x.dtype, dropout_p) if use_triton else None
-        launch = (bounds, adapted, scale, dropout_p, L)  # both entry points made scale a float
+        R = b_cat.shape[1] if flat is None else flat[1][1]
+        L = _launch(x2.shape[0], K, N, R, bounds, x.dtype, dropout_p) if use_triton else None
+        launch = (bounds, adapted, scale, dropout_p, L, flat)  # both entry points made scale a float
         y = _LoRALinearFunction.apply(x2, weight, bias, a_cat, b_cat, seed, launch)
     return y if two_d else y.reshape(*x.shape[:-1], N)
 

@@ -168,14 +168,17 @@ def split_config(kernel: str, dtype: torch.dtype, srp: int) -> ll.TileConfig:
     return _CONFIGS[kernel, dtype != torch.float32, srp]
 
 
-def triton_backward_split(dy, x, weight, h, lora_a, lora_b, seed, slot_bounds, adapted, scale, p, L=None):
-    """dX, dA, dB as ``fused_lora._triton_backward`` returns them, in three passes.
+def triton_backward_split(dy, x, weight, h, lora_a, lora_b, seed, slot_bounds, adapted, scale, p, L=None, flat=False):
+    """dX, dA, dB as ``fused_lora._triton_backward`` returns them (``flat`` included), in three passes.
 
     ``L``: the call's ``fused_lora._launch``, when the caller has already looked it up."""
     if L is None:
         L = ll._launch(x.shape[0], x.shape[1], weight.shape[0], lora_b.shape[1], tuple(slot_bounds), x.dtype, p)
     M, K, N, R = L.shape
     dy_cfg, dx_cfg = (split_config(k, x.dtype, L.srp) for k in SPLIT_KERNELS)
+    x_shape = None if x.dim() == 2 else x.shape  # a contiguous [..., K] x: dX goes back in its shape
+    if x_shape is not None:
+        x, dy = x.view(M, K), dy.reshape(M, N)
     x, weight, lora_a, lora_b = ll._operands(x, weight, lora_a, lora_b)
     dy = ll._addressable(dy)
     h = h.contiguous()  # read with row stride S·R
@@ -203,5 +206,5 @@ def triton_backward_split(dy, x, weight, h, lora_a, lora_b, seed, slot_bounds, a
         GROUP_M=dx_cfg.group_m, DOT_PRECISION=L.precision,
         num_warps=dx_cfg.num_warps, num_stages=dx_cfg.num_stages,
     )  # fmt: skip
-    da, db = ll._grads_from_partials(part, L, lora_a, lora_b)
-    return dx, da, db
+    da, db = ll._grads_from_partials(part, L, lora_a, lora_b, flat)
+    return (dx if x_shape is None else dx.view(x_shape)), da, db
