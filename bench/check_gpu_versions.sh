@@ -23,7 +23,7 @@ venv=${GPU_CHECK_VENV:-$HOME/.cache/clip-lora/venv-gpu}
 py312=${PYTHON312:-python3.12}
 gpu_numpy="numpy==2.5.*"
 # test_compile_step: torch.compile's own arguments differ between the two torch releases.
-tests=(tests/test_kernels.py tests/test_split_backward.py tests/test_dropout.py tests/test_api.py tests/test_aot_compile.py tests/test_compile_step.py)
+tests=(tests/test_kernels.py tests/test_split_backward.py tests/test_flat_adapters.py tests/test_dropout.py tests/test_api.py tests/test_aot_compile.py tests/test_compile_step.py)
 
 if [[ ! -x $venv/bin/python ]]; then
   echo "== creating $venv (torch 2.11.0, triton 3.6.0: several GB the first time)"

@@ -146,6 +146,7 @@ TEST_FILES = (
     "tests/test_kernel_edge_cases.py",
     "tests/test_kernel_properties.py",
     "tests/test_split_backward.py",
+    "tests/test_flat_adapters.py",
     # The layer under CUDA-graph capture (what --compile's CUDA graphs replay).
     "tests/test_host_path.py::test_fused_layer_replays_in_a_cuda_graph",
     "tests/test_host_path.py::test_drawn_seed_advances_with_every_replay",

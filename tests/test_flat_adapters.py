@@ -10,6 +10,9 @@
   its output, dX and dropout masks equal those of the same rows passed as [M, K], and a
   non-contiguous N-D x still takes the reshaping path with the same result;
 * bad input names the argument and the fix.
+
+With a GPU the Triton cases run the compiled kernels on CUDA tensors (stage 1 of
+``bench/gpu_session.sh``); without one, the interpreter on CPU tensors.
 """
 
 from __future__ import annotations
@@ -18,12 +21,14 @@ import contextlib
 
 import pytest
 import torch
+from conftest import HAS_CUDA
 
 from bench.host_path import via_custom_op
 from lora_kernels import fused_lora, lora_linear_packed, slot_layout
 
 SIZES = (16, 24, 16)
 R = 3
+DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
 def _case(M=12, K=24, sizes=SIZES, absent=(), dtype=torch.float32, seed=0):
@@ -40,7 +45,7 @@ def _case(M=12, K=24, sizes=SIZES, absent=(), dtype=torch.float32, seed=0):
         b_cat[starts[s] : starts[s + 1]] = 0
     dy = torch.randn(M, N, generator=g).to(dtype)
     layout = slot_layout(K, sizes, R, [s not in absent for s in range(len(sizes))])
-    return x, w, b, a_cat, b_cat, dy, layout
+    return (*(t.to(DEVICE) for t in (x, w, b, a_cat, b_cat, dy)), layout)
 
 
 def _run(x, w, b, dy, layout, *, backend, p, lora_a=None, lora_b=None, lora_ab=None, x_shape=None):
@@ -115,7 +120,7 @@ def test_flat_view_into_a_larger_buffer(backend, where):
     x, w, b, a_cat, b_cat, dy, layout = _case(seed=2)
     ab = torch.cat([a_cat.reshape(-1), b_cat.reshape(-1)])
     n = ab.numel()
-    buf = torch.randn(2 * n + 5)
+    buf = torch.randn(2 * n + 5, device=DEVICE)
     view = buf[1 : 2 * n + 1 : 2] if where == "strided" else buf[5 : 5 + n]
     view.copy_(ab)
     assert view.storage_offset() > 0 and (view.stride(0) == 2) == (where == "strided")
