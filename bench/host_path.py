@@ -37,6 +37,10 @@ CUDA, graphs replay the whole step and neither cost exists.
 
     python -m bench.host_path --cuda [--json out.json]
 
+The headline, issue 13's target (<= 2), is ``fused packed 3-D ÷ F.linear 3-D``: the call
+as patched modules make it.  ``fused packed ÷ F.linear``, the same call on [M, K] rows,
+is printed beside it.
+
 The headline ratio moves by about ±0.15 from one process to the next on the 2-core
 development machine (1.85–2.18 over 14 runs), far more than between rounds of one
 process, so ``--processes N`` runs the whole measurement in N fresh processes and
@@ -76,9 +80,11 @@ PROVIDERS = (
     "F.linear 3-D",
     "fused packed 3-D",
 )
-HEADLINE = ("fused packed", "F.linear")  # issue 13's target: this ratio <= 2
-# The same call with the activations' shape a patched attention passes ([batch, tokens, K]).
-HEADLINE_3D = ("fused packed 3-D", "F.linear 3-D")
+# Issue 13's target, fused ÷ F.linear <= 2, taken on the call as patched modules make it:
+# [batch, tokens, K] activations, against F.linear on the same input.
+HEADLINE = ("fused packed 3-D", "F.linear 3-D")
+# The same call on bare [M, K] rows, reported beside it.
+HEADLINE_2D = ("fused packed", "F.linear")
 
 
 class _EmptyFunction(torch.autograd.Function):
@@ -292,22 +298,25 @@ def across_processes(args: argparse.Namespace) -> None:
             with open(path) as f:
                 runs.append(json.load(f))
     ratios_ = [headline_ratio(r["results_us"]) for r in runs]
-    ratios_3d = [headline_ratio(r["results_us"], HEADLINE_3D) for r in runs]
+    ratios_2d = [headline_ratio(r["results_us"], HEADLINE_2D) for r in runs]
     print(f"headline per process: {' '.join(f'{r:.2f}' for r in ratios_)}")
-    print(f"3-D headline per process: {' '.join(f'{r:.2f}' for r in ratios_3d)}")
-    median, median_3d = statistics.median(ratios_), statistics.median(ratios_3d)
-    print(f"headline: {HEADLINE[0]} ÷ {HEADLINE[1]} = {median:.2f} median of {len(runs)} processes (target <= 2)")
-    print(f"headline: {HEADLINE_3D[0]} ÷ {HEADLINE_3D[1]} = {median_3d:.2f} median of {len(runs)} processes")
+    print(f"[M, K] rows per process: {' '.join(f'{r:.2f}' for r in ratios_2d)}")
+    median, median_2d = statistics.median(ratios_), statistics.median(ratios_2d)
+    n = len(runs)
+    print(f"headline: {HEADLINE[0]} ÷ {HEADLINE[1]} = {median:.2f} median of {n} processes (target <= 2)")
+    print(f"[M, K] rows: {HEADLINE_2D[0]} ÷ {HEADLINE_2D[1]} = {median_2d:.2f} median of {n} processes")
     if args.json:
         rows = {n: statistics.median(r["results_us"][n]["min_us"] for r in runs) for n in PROVIDERS}
         payload = {k: v for k, v in runs[0].items() if k not in ("results_us", "ratio_to_floor", "date")}
         payload.update(
             date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             processes=len(runs),
+            headline=list(HEADLINE),
             headline_per_process=ratios_,
             headline_median=median,
-            headline_3d_per_process=ratios_3d,
-            headline_3d_median=median_3d,
+            headline_2d=list(HEADLINE_2D),
+            headline_2d_per_process=ratios_2d,
+            headline_2d_median=median_2d,
             median_min_us=rows,
             runs=runs,
         )
@@ -341,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
         row = result[name]
         print(f"{name:24s} {row['min_us']:8.1f} {row['median_us']:10.1f} {rel[name]:8.2f}")
     print(f"headline: {HEADLINE[0]} ÷ {HEADLINE[1]} = {headline_ratio(result):.2f} (target <= 2)")
-    print(f"headline: {HEADLINE_3D[0]} ÷ {HEADLINE_3D[1]} = {headline_ratio(result, HEADLINE_3D):.2f}")
+    print(f"[M, K] rows: {HEADLINE_2D[0]} ÷ {HEADLINE_2D[1]} = {headline_ratio(result, HEADLINE_2D):.2f}")
     if args.json:
         import os
         import platform

@@ -372,6 +372,7 @@ def test_host_path_across_processes(tmp_path, capsys):
     per = data["headline_per_process"]
     assert data["processes"] == 2 and len(per) == 2 and len(data["runs"]) == 2
     assert all(r > 0 for r in per) and min(per) <= data["headline_median"] <= max(per)
+    assert data["headline"] == ["fused packed 3-D", "F.linear 3-D"] and len(data["headline_2d_per_process"]) == 2
     assert set(data["median_min_us"]) == set(host_path.PROVIDERS)
     assert "median of 2 processes" in capsys.readouterr().out
     with pytest.raises(SystemExit):
