@@ -206,3 +206,16 @@ def test_flat_bad_input(over, error, match):
     a = _flat_args(**over)
     with pytest.raises(error, match=match):
         lora_linear_packed(a.pop("x"), a.pop("weight"), a.pop("bias"), **a)
+
+
+@pytest.mark.parametrize("backend, impl", BACKWARDS)
+def test_vector_input_is_one_row(backend, impl):
+    """A 1-D x [K] is one row: y [N] and dX [K] equal those of x as [1, K]."""
+    x, w, b, a_cat, b_cat, dy, layout = _case(M=1, seed=4)
+    with _backward_impl(impl):
+        want = _run(x, w, b, dy, layout, backend=backend, p=0.25, lora_a=a_cat, lora_b=b_cat)
+        got = _run(x, w, b, dy, layout, backend=backend, p=0.25, lora_a=a_cat, lora_b=b_cat, x_shape=x.shape[1:])
+    assert got[0].shape == (sum(SIZES),) and got[1].shape == (x.shape[1],)
+    assert torch.equal(got[0], want[0][0]) and torch.equal(got[1], want[1][0])
+    for g, r in zip(got[2], want[2], strict=True):
+        assert torch.equal(g, r)
