@@ -8,6 +8,7 @@ then ``python -m bench.report`` on the JSON, and checks what they wrote.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -238,6 +239,15 @@ def test_report_step_table_and_its_target(tmp_path):
     food = "| Food101 | 101 | 40 | 56 | 25 | 60 | 30 | 24 | 1.40 | 1.60 | 2.00 | 1.25 | 1.32 | 1.36 |"
     assert food + " 30 × 16 thread(s) |" in section
     assert section.index("| Food101 |") < section.index("| OxfordPets |")  # the datasets' order
+    # The speed-up plot takes the same source: the table where it has the dataset.
+    datasets, speed, from_table = report.speedups(report.load_rows(path)[1])
+    assert datasets == [d for d in workloads.DATASETS if d in ("DTD", "Food101", "OxfordPets")]
+    got = dict(zip(datasets, zip(speed["fused"], speed["frozen"], speed["fused+trim"], from_table, strict=True)))
+    assert got["Food101"][:2] == pytest.approx((56.0 / 40.0, 56.0 / 25.0)) and got["Food101"][3]
+    assert got["OxfordPets"][0] == pytest.approx(44.0 / 40.0) and got["OxfordPets"][3]
+    assert got["DTD"][0] == pytest.approx(49.5 / 33.0) and not got["DTD"][3]
+    assert all(math.isnan(got[d][2]) for d in ("Food101", "OxfordPets", "DTD"))  # fused+trim not measured
+    assert (tmp_path / "rep" / "step_speedup.png").read_bytes().startswith(PNG_MAGIC)
 
 
 def test_report_text_rows_and_targets(tmp_path):
