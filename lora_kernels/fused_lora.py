@@ -1294,20 +1294,15 @@ def _lora_linear_core(x, weight, bias, a_cat, b_cat, seed, bounds, adapted, scal
         seed = torch.tensor(seed, device=device, dtype=torch.int64)
 
     N, K = weight.shape
-    two_d = x.dim() == 2
-    if use_triton and not two_d and not traced and not EAGER_VIA_CUSTOM_OP and x.is_contiguous():
-        # The usual module call ([batch, tokens, K] activations): the kernels read a
-        # contiguous x's rows in place and write Y in its leading shape, so neither side
-        # needs a reshape, which in eager mode is two more ops and two autograd view
-        # nodes per call (python -m bench.host_path, rows "… 3-D").
-        R = b_cat.shape[1] if flat is None else flat[1][1]
-        L = _launch(x.numel() // K, K, N, R, bounds, x.dtype, dropout_p)
-        launch = (bounds, adapted, scale, dropout_p, L, flat)
-        return _LoRALinearFunction.apply(x, weight, bias, a_cat, b_cat, seed, launch)
-    # The one place where a non-contiguous input may be copied: the kernels take
-    # explicit strides, but x must be viewable as [M, K].
-    x2 = x if two_d else x.reshape(-1, K)
-    if traced or EAGER_VIA_CUSTOM_OP:
+    eager = not (traced or EAGER_VIA_CUSTOM_OP)
+    # x's rows as [M, K]: a 2-D x as it is; on the eager Triton path also a contiguous
+    # [..., K] x, the usual module call ([batch, tokens, K] activations), whose rows the
+    # kernels read in place and whose Y they write in its leading shape.  Anything else is
+    # reshaped here (a copy when not viewable), and Y back: in eager mode two more ops and
+    # two autograd view nodes per call (python -m bench.host_path, rows "… 3-D").
+    in_place = x.dim() == 2 or (eager and use_triton and x.is_contiguous())
+    x2 = x if in_place else x.reshape(-1, K)
+    if not eager:
         if flat is not None:
             # Differentiable views: autograd (or the compiled graph) sums their gradients
             # into the flat tensor's.
@@ -1319,10 +1314,10 @@ def _lora_linear_core(x, weight, bias, a_cat, b_cat, seed, bounds, adapted, scal
     else:
         # The launch constants, looked up once for the forward and the backward.
         R = b_cat.shape[1] if flat is None else flat[1][1]
-        L = _launch(x2.shape[0], K, N, R, bounds, x.dtype, dropout_p) if use_triton else None
+        L = _launch(x2.numel() // K, K, N, R, bounds, x.dtype, dropout_p) if use_triton else None
         launch = (bounds, adapted, scale, dropout_p, L, flat)  # both entry points made scale a float
         y = _LoRALinearFunction.apply(x2, weight, bias, a_cat, b_cat, seed, launch)
-    return y if two_d else y.reshape(*x.shape[:-1], N)
+    return y if in_place else y.reshape(*x.shape[:-1], N)
 
 
 _UNUSED_SEEDS: dict[torch.device, torch.Tensor] = {}
