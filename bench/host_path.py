@@ -26,7 +26,8 @@ Rows (q/k/v packed projection: K = 64, N = 3·64, M = 8 rows, r = 2, dropout 0.2
   path's own host work;
 * ``nn.Linear`` / ``LoRALinear``: the module calls, with ``nn.Module`` dispatch;
 * ``… 3-D``: x as ``[2, 4, K]``, the ``[batch, tokens, K]`` activations a patched
-  attention passes (same M = 8 rows), against ``F.linear 3-D``;
+  attention passes (same M = 8 rows), against ``F.linear 3-D`` (the modules against
+  ``nn.Linear 3-D``);
 * ``… x8 chain``: eight layers in a row and one backward, per layer (the backward's
   fixed Python cost shared, as in a real step).
 
@@ -79,6 +80,8 @@ PROVIDERS = (
     "fused packed x8 chain",
     "F.linear 3-D",
     "fused packed 3-D",
+    "nn.Linear 3-D",
+    "LoRALinear 3-D",
 )
 # Issue 13's target, fused ÷ F.linear <= 2, taken on the call as patched modules make it:
 # [batch, tokens, K] activations, against F.linear on the same input.
@@ -229,6 +232,8 @@ def make_runs(seed: int = 0, device: str = "cpu") -> dict[str, Callable[[], None
         "fused packed x8 chain": lambda: done(chain(True), dy_chain),
         "F.linear 3-D": lambda: done(F.linear(x3, weight, bias), dy3),
         "fused packed 3-D": lambda: done(packed(x3), dy3),
+        "nn.Linear 3-D": lambda: done(linear(x3), dy3),
+        "LoRALinear 3-D": lambda: done(module(x3), dy3),
     }
 
 
@@ -263,10 +268,12 @@ def measure(rounds: int = 30, calls: int = 50, device: str = "cpu", stub: bool =
 
 
 def floor_of(name: str) -> str:
-    """The row a provider's ratio is taken to: ``nn.Linear``, the F.linear chain,
-    ``F.linear 3-D`` or ``F.linear``."""
+    """The row a provider's ratio is taken to: ``nn.Linear`` (or ``nn.Linear 3-D``) for
+    the modules, the F.linear chain, ``F.linear 3-D`` or ``F.linear``."""
     if name in ("nn.Linear", "LoRALinear"):
         return "nn.Linear"
+    if name in ("nn.Linear 3-D", "LoRALinear 3-D"):
+        return "nn.Linear 3-D"
     if name.endswith("chain"):
         return "F.linear x8 chain"
     return "F.linear 3-D" if name.endswith("3-D") else "F.linear"

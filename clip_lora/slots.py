@@ -91,7 +91,9 @@ class SlotAdapters(nn.Module):
         if name is None and len(group) == 1 and group[0] in self._where:
             pname, rows = self._where[group[0]]
             name = pname if rows is None else None
-        return None if name is None else getattr(self, name)
+        # The module's own dict: nn.Module.__getattr__ costs ~0.6 µs a lookup, and a
+        # patched projection asks for its packed adapters on every call.
+        return None if name is None else self._parameters[name]
 
     # -- the mapping API (what ParameterDict offered) -------------------------
 
