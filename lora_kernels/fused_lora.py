@@ -800,7 +800,7 @@ class _LoRALinearFunction(torch.autograd.Function):
     partials' sum 4, its two views 3, three kernel-call argument lists ~2.5 each).  A
     Function making only those torch calls, with no checks and no launches, takes
     ~50 µs: the Python left is ~20 µs.  Modules pass [batch, tokens, K] activations,
-    which the Triton path reads in place (:func:`_lora_linear_core`): 1.74× ``F.linear``
+    which the Triton path reads in place (:func:`_lora_linear_core`): 1.78× ``F.linear``
     on the same input, where reshaping them cost ~15 µs more (bench/NOTES.md section 7).
     """
 
