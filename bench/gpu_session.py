@@ -279,7 +279,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "4b",
         "step-rest",
-        "training step: the other datasets and eager providers (compiled steps are in 4e)",
+        "training step: the other datasets and eager providers (compiled steps are in 4f)",
         420,
         "stage4-rest",
         # A compiled step costs a minute of Inductor per workload: eager first, so the
@@ -304,6 +304,18 @@ STAGES: tuple[Stage, ...] = (
         select=lambda it: _fn(it) == "test_layer_rank_sweep" and not _rank_sweep_duplicate(it),
         warm=True,
     ),
+    Stage(
+        "4f",
+        "step-compiled",
+        "compiled step (fused+bucket+half+compile: Inductor, CUDA graphs) on every dataset, ImageNet last",
+        # Each dataset compiles both towers afresh (compiled_towers resets on exit): ~55 s
+        # by the estimate, 11 datasets ~620 s, more than one call holds.  Cut off at the
+        # limit, the stage keeps the datasets it finished (smallest class counts first);
+        # ImageNet's compiled step is 3o's.  Runs before 4e, which takes whatever is left.
+        480,
+        "stage4-rest",
+        select=lambda it: _fn(it) == "test_step" and "+compile" in str(_p(it, "provider")),
+    ),
     Stage("4e", "other", "every other benchmark in bench/", 300, "stage4-rest", select=lambda it: True, warm=True),
 )
 STAGE_KEYS = tuple(s.key for s in STAGES)
@@ -311,14 +323,14 @@ DROPPED_REASON = "duplicate of stage 2's group (rank sweep r = 2 is the main mat
 
 
 def parse_stages(text: str) -> list[Stage]:
-    """``"1,2,3,4"`` -> those stages in session order; ``4`` means every part 4a ... 4e."""
+    """``"1,2,3,4"`` -> those stages in session order; ``4`` means every part 4a ... 4f."""
     wanted: set[str] = set()
     for key in (k.strip() for k in text.split(",") if k.strip()):
         # "2" also runs its appendix 2h (the host path), "3" its 3o (the step options)
-        # and 3t (the interleaved step table); "4" every part 4a ... 4e.
+        # and 3t (the interleaved step table); "4" every part 4a ... 4f.
         parts = [s.key for s in STAGES if s.key == key or (key in ("2", "3", "4") and s.key.startswith(key))]
         if not parts:
-            raise ValueError(f"--stages: unknown stage {key!r}; known: {', '.join(STAGE_KEYS)} (4 = all of 4a-4e)")
+            raise ValueError(f"--stages: unknown stage {key!r}; known: {', '.join(STAGE_KEYS)} (4 = all of 4a-4f)")
         wanted.update(parts)
     return [s for s in STAGES if s.key in wanted]
 
@@ -339,6 +351,12 @@ def assign(items: list[dict]) -> tuple[dict[str, list[str]], list[str]]:
     # order given).  Stable: each group keeps the collection order.
     provider = {it["nodeid"]: _p(it, "provider") for it in items}
     by_stage["4b"].sort(key=lambda i: provider[i] not in ("fused", "plain", "frozen"))
+    # The compiled steps: the fewest classes (the cheapest text-tower compile) first, so a
+    # stage cut off at its limit has covered the most datasets; ImageNet (3o has it) last.
+    from .workloads import DATASETS
+
+    work = {it["nodeid"]: str(_p(it, "work")) for it in items}
+    by_stage["4f"].sort(key=lambda i: (work[i] == "ImageNet", DATASETS.get(work[i], 0)))
     return by_stage, dropped
 
 
@@ -997,7 +1015,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="the staged session (bench/gpu_session.sh calls this)")
     run.add_argument("--dry-run", action="store_true", help="rehearse on CPU at reduced sizes")
-    run.add_argument("--stages", default="1,2,3,4", help=f"comma list of {', '.join(STAGE_KEYS)} (4 = 4a-4e)")
+    run.add_argument("--stages", default="1,2,3,4", help=f"comma list of {', '.join(STAGE_KEYS)} (4 = 4a-4f)")
     run.add_argument(
         "--no-gate", action="store_true", help="skip stage 1 (only to rerun later stages of a tested tree)"
     )

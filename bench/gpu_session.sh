@@ -2,7 +2,7 @@
 # One GPU session's measurements, in budgeted stages (bench/gpu_session.py says what each
 # stage runs): 1 the CUDA correctness tests (the gate: if one fails, nothing is timed),
 # 2 the headline layer ratios, 3 the training step on EuroSAT/DTD/ImageNet (then 3o the step
-# options and 3t the interleaved step table on all 11 datasets), 4a-4e the rest of bench/
+# options and 3t the interleaved step table on all 11 datasets), 4a-4f the rest of bench/
 # as long as the budget lasts.  Each stage runs under its own time limit and
 # leaves its bundle in $OUT before the next starts, so a cut-off run still returns what it
 # measured.  It prints the expected device time per stage before it starts.
@@ -30,6 +30,9 @@
 #   the step table alone (stage 3t, ~220 s expected, after the gate; in a full run it comes
 #   after 3o and the 540 s budget may cut it, keeping the datasets it finished):
 #                run(command="bash bench/gpu_session.sh --stages 3t", carry=[".whl"], timeout_s=600)
+#   the compiled step on every dataset (stage 4f, ~620 s expected, limit 480 s: fewest classes
+#   first, it keeps the datasets it finished; after a session whose stage 1 passed):
+#                run(command="bash bench/gpu_session.sh --stages 4f --no-gate", carry=[".whl"], timeout_s=600)
 # The script installs open_clip from .whl/ itself (pip --no-index --target) when python3
 # cannot import it.  What comes back (at most 8 files): session.json (GPU, versions, date,
 # plan, each stage's status and time, the headline ratios), session.log, stage0-setup,
@@ -43,7 +46,7 @@
 # a venv like the GPU machine's (Python 3.12, torch 2.11, triton 3.6, numpy 2.5, no
 # open_clip; bench/check_gpu_versions.sh builds one):
 #   PYTHON=/path/to/venv/bin/python bash bench/gpu_session.sh --dry-run
-# Options: --stages 1,2,3,4 (4 = 4a-4e), --budget SECONDS, --no-gate, --out DIR, --workers N.
+# Options: --stages 1,2,3,4 (4 = 4a-4f), --budget SECONDS, --no-gate, --out DIR, --workers N.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

@@ -99,7 +99,15 @@ def test_compiled_steps_come_after_the_eager_step_table(collected):
     # fused / plain / frozen of every other dataset first: the step target's ratios.
     core = [i.rsplit("-", 1)[-1].rstrip("]") in ("fused", "plain", "frozen") for i in assigned["4b"]]
     assert core == sorted(core, reverse=True) and core[0] and not core[-1]
-    assert any("test_step[" in i and "+compile" in i for i in assigned["4e"])
+    compiled = assigned["4f"]
+    assert compiled and all("test_step[" in i and "+compile" in i for i in compiled)
+    assert not any("test_step[" in i and "+compile" in i for i in assigned["4e"])
+    # Every dataset once, the fewest classes first, ImageNet last.
+    from bench.workloads import DATASETS
+
+    order = [next(d for d in DATASETS if f"-{d}-" in i or f"[{d}-" in i) for i in compiled]
+    assert sorted(order) == sorted(DATASETS) and order[-1] == "ImageNet"
+    assert [DATASETS[d] for d in order[:-1]] == sorted(DATASETS[d] for d in order[:-1])
 
 
 def test_headline_stages_fit_their_limits_and_the_budget(collected):
@@ -125,7 +133,7 @@ def test_headline_stages_fit_their_limits_and_the_budget(collected):
 
 
 def test_parse_stages():
-    assert [s.key for s in gs.parse_stages("3,1,4")] == ["1", "3", "3o", "3t", "4a", "4b", "4c", "4d", "4e"]
+    assert [s.key for s in gs.parse_stages("3,1,4")] == ["1", "3", "3o", "3t", "4a", "4b", "4c", "4d", "4f", "4e"]
     assert [s.key for s in gs.parse_stages("3t")] == ["3t"]
     assert [s.key for s in gs.parse_stages("2")] == ["2", "2h"]
     assert [s.key for s in gs.parse_stages("4c, 4b")] == ["4b", "4c"]
