@@ -170,13 +170,11 @@ def test_report_verdicts_on_a_gpu_shaped_json(tmp_path):
         _bench("step ImageNet", "fused", 100.0, 1000.0, kind="step", n_classes=1000),
         _bench("step ImageNet", "plain", 150.0, 2000.0, kind="step", n_classes=1000),
     ]
-    path = tmp_path / "gpu.json"
     ctx = {"device": "NVIDIA H100 80GB HBM3", "size": "full", "torch": "2.11.0", "triton": "3.6.0"}
-    path.write_text(json.dumps({"machine_info": {"clip_lora_bench": ctx}, "benchmarks": benches}))
-    report.main([str(path), "--out", str(tmp_path / "rep")])
+    _, md = _report(tmp_path, "gpu.json", ctx, benches)
     rows = {
         tuple(cells[:2]): cells[2:]
-        for line in (tmp_path / "rep" / "report.md").read_text().splitlines()
+        for line in md.splitlines()
         if (cells := [c.strip() for c in line.strip("|").split("|")]) and len(cells) == 5
     }
     assert rows[("layer vitb16-vision-qkv, bf16 r2 p0.25", "fused ÷ frozen (fwd+bwd)")] == ["≤ 1.15", "1.11", "met"]
@@ -186,6 +184,15 @@ def test_report_verdicts_on_a_gpu_shaped_json(tmp_path):
     assert rows[("step ImageNet", "plain ÷ fused (test_step medians)")] == ["≥ 1.25", "1.50", "met"]
     assert rows[("step ImageNet", "peak memory fused ÷ plain")] == ["≤ 0.8", "0.50", "met"]
     assert rows[("step EuroSAT", "plain ÷ fused (test_step medians)")][1:] == ["—", "not measured"]
+
+
+def _report(tmp_path: Path, name: str, ctx: dict, benches: list[dict]) -> tuple[Path, str]:
+    """``benches`` written as a pytest-benchmark JSON ``name`` with machine info ``ctx``,
+    rendered by ``python -m bench.report`` into ``tmp_path/rep``: (the JSON, report.md)."""
+    path = tmp_path / name
+    path.write_text(json.dumps({"machine_info": {"clip_lora_bench": ctx}, "benchmarks": benches}))
+    report.main([str(path), "--out", str(tmp_path / "rep")])
+    return path, (tmp_path / "rep" / "report.md").read_text()
 
 
 def _step_table_bench(dataset: str, n_classes: int, wall_ms: dict[str, float]) -> dict:
@@ -223,11 +230,8 @@ def test_report_step_table_and_its_target(tmp_path):
         _bench("step DTD", "fused", 33.0, kind="step", n_classes=47),
         _bench("step DTD", "plain", 49.5, kind="step", n_classes=47),
     ]
-    path = tmp_path / "gpu.json"
     ctx = {"device": "NVIDIA H200", "size": "full"}
-    path.write_text(json.dumps({"machine_info": {"clip_lora_bench": ctx}, "benchmarks": benches}))
-    report.main([str(path), "--out", str(tmp_path / "rep")])
-    md = (tmp_path / "rep" / "report.md").read_text()
+    path, md = _report(tmp_path, "gpu.json", ctx, benches)
     assert "| step Food101 | plain ÷ fused (interleaved min wall) | ≥ 1.25 | 1.40 | met |" in md
     assert "| step OxfordPets | plain ÷ fused (interleaved min wall) | ≥ 1.25 | 1.10 | **not met** |" in md
     assert "| step DTD | plain ÷ fused (test_step medians) | ≥ 1.25 | 1.50 | met |" in md
@@ -258,11 +262,8 @@ def test_report_text_rows_and_targets(tmp_path):
         _bench("text ImageNet", "trimmed", 10.0, tokens=18000, buckets=1, bucket_lengths=[18], **text),
         _bench("text ImageNet", "bucketed", 6.0, tokens=9786, buckets=3, bucket_lengths=[9, 11, 18], **text),
     ]
-    path = tmp_path / "cpu.json"
     ctx = {"device": "CPU (2 cores)", "size": "small"}
-    path.write_text(json.dumps({"machine_info": {"clip_lora_bench": ctx}, "benchmarks": benches}))
-    report.main([str(path), "--out", str(tmp_path / "rep")])
-    md = (tmp_path / "rep" / "report.md").read_text()
+    _, md = _report(tmp_path, "cpu.json", ctx, benches)
     assert "| text ImageNet | tokens bucketed ÷ trimmed | ≤ 0.6 | 0.54 | met |" in md
     assert "| text ImageNet | text fwd+bwd time bucketed ÷ trimmed | ≤ 0.7 | 0.60 | met |" in md
     assert "| ImageNet | bucketed | 3 | 9 11 18 | 9786 | 0.544 | 6 | 0.600 |" in md
@@ -278,11 +279,8 @@ def test_report_step_options_table(tmp_path):
     }
     info = dict(kind="step-options", effects=effects, wall_s=wall, rounds=7, threads=1)
     benches = [_bench("step options ImageNet c1000", "interleaved", 3000.0, **info)]
-    path = tmp_path / "cpu.json"
     ctx = {"device": "CPU (2 cores)", "size": "small"}
-    path.write_text(json.dumps({"machine_info": {"clip_lora_bench": ctx}, "benchmarks": benches}))
-    report.main([str(path), "--out", str(tmp_path / "rep")])
-    md = (tmp_path / "rep" / "report.md").read_text()
+    _, md = _report(tmp_path, "cpu.json", ctx, benches)
     assert "| ImageNet c1000 | trimmed text | fused+trim ÷ fused | 50 ÷ 200 | 0.250 | 0.260 | 7 × 1 thread(s) |" in md
     assert "| ImageNet c1000 | bucketed text | fused+bucket ÷ fused+trim | 40 ÷ 50 | 0.800 | 0.790 |" in md
 
@@ -294,10 +292,7 @@ def test_report_host_path_table(tmp_path):
     benches = [
         _bench(report.HOST_GROUP, p, us / 1e3, kind="host", min_us_per_layer=us) for p, us in per_layer.items()
     ]
-    path = tmp_path / "cpu.json"
-    path.write_text(json.dumps({"machine_info": {"clip_lora_bench": {"device": "CPU"}}, "benchmarks": benches}))
-    report.main([str(path), "--out", str(tmp_path / "rep")])
-    md = (tmp_path / "rep" / "report.md").read_text()
+    _, md = _report(tmp_path, "cpu.json", {"device": "CPU"}, benches)
     assert "| fused packed | 100.0 | 2.50 |" in md
     assert "| LoRALinear | 110.0 | 2.20 |" in md
     assert "| fused packed x8 chain | 60.0 | 6.00 |" in md
